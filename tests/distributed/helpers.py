@@ -1,0 +1,43 @@
+"""Launch real multi-rank zerovl runs with torchrun (CPU, gloo) from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(args: list[str], nproc: int = 2, timeout: int = 300, launcher: str = "torchrun",
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``zerovl <args>`` on ``nproc`` ranks; a hang becomes a test failure after ``timeout`` s."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "zerovl", *args]
+    else:
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={nproc}",
+               f"--master_port={29500 + os.getpid() % 1000}", "--module", "zerovl", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            cwd=REPO, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"zerovl {' '.join(args)} hung for {timeout}s:\n{out[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def check(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-6000:]}"
+    return proc.stdout
+
+
+def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in rows if "split" not in r], [r for r in rows if r.get("split") == "val"]

@@ -1,0 +1,5 @@
+import sys
+
+from zerovl.cli import main
+
+sys.exit(main())

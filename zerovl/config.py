@@ -1,0 +1,318 @@
+"""The one typed schema behind every run: ``model``, ``data``, ``train``, ``deepspeed``, ``eval``.
+
+A YAML file is loaded, ``key=value`` overrides from the command line are applied on top, and the
+result is validated here once. Every mistake becomes a :class:`~zerovl.errors.ConfigError` with one
+line naming the dotted key and, for unknown keys, the nearest valid one — users should never meet a
+pydantic traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zerovl.errors import ConfigError
+
+PartMode = Literal["frozen", "full", "lora"]
+PRESET_NAMES = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class LoraSettings(_Strict):
+    """peft LoRA hyper-parameters for one part."""
+
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class VisionSettings(_Strict):
+    """The vision tower: any HF vision encoder (SigLIP, CLIP vision, BLIP-2 vision)."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    image_processor: dict[str, Any] | None = None
+    feature_layer: int = -1
+    drop_cls: Literal["auto"] | bool = "auto"
+    mode: PartMode = "frozen"
+    lr: float | None = Field(None, gt=0)
+    lora: LoraSettings = LoraSettings()
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VisionSettings:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of path (a local HF directory) or config (inline, random init)")
+        return self
+
+
+class ConnectorSettings(_Strict):
+    """Maps vision features to LLM embeddings; fixes the number of image tokens per image."""
+
+    type: Literal["linear", "mlp", "qformer"] = "mlp"
+    mlp_depth: int = Field(2, ge=1)
+    num_query_tokens: int = Field(32, gt=0)
+    qformer: dict[str, Any] = Field(default_factory=dict)
+    mode: Literal["frozen", "full"] = "full"
+    lr: float | None = Field(None, gt=0)
+
+
+class LLMSettings(_Strict):
+    """Any HF causal LM loadable with ``AutoModelForCausalLM``."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    mode: PartMode = "full"
+    lr: float | None = Field(None, gt=0)
+    lora: LoraSettings = LoraSettings()
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LLMSettings:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of path (a local HF directory) or config (inline, random init)")
+        return self
+
+
+class ModelSettings(_Strict):
+    vision: VisionSettings | None = None
+    connector: ConnectorSettings = ConnectorSettings()
+    llm: LLMSettings
+    tokenizer: str | None = Field(None, description="tokenizer directory; defaults to llm.path")
+    image_token: str = "<image>"
+
+    @model_validator(mode="after")
+    def _tokenizer_source(self) -> ModelSettings:
+        if self.tokenizer is None and self.llm.path is None:
+            raise ValueError("model.tokenizer is required when the LLM is built from an inline config")
+        return self
+
+
+class DataSettings(_Strict):
+    train: str
+    val: str | None = None
+    image_root: str | None = None
+    format: Literal["messages"] = "messages"
+    max_length: int = Field(2048, gt=0)
+    max_pixels: int = Field(1024 * 1024, gt=0)
+    too_long: Literal["drop", "error"] = Field(
+        "drop", description="samples whose image tokens would be cut by max_length"
+    )
+    skip_bad_samples: bool = False
+    system_prompt: str | None = None
+    num_workers: int = Field(2, ge=0)
+    shuffle: bool = True
+
+
+class TrainSettings(_Strict):
+    output_dir: str = "runs/default"
+    max_steps: int | None = Field(None, gt=0)
+    stop_after_steps: int | None = Field(
+        None, gt=0, description="end this invocation at this step (saving a checkpoint) without changing "
+        "the schedule; for time-boxed jobs that resume later")
+    epochs: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 42
+    save_every: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    resume: str = Field("auto", description="auto | none | path to a checkpoint directory")
+    log_every: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainSettings:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class EvalSettings(_Strict):
+    exact_match: bool = Field(False, description="generate answers on val and score exact match")
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0)
+    max_samples: int | None = Field(None, gt=0)
+
+
+class Config(_Strict):
+    model: ModelSettings
+    data: DataSettings
+    train: TrainSettings = TrainSettings()
+    deepspeed: str | dict[str, Any] = "zero2"
+    eval: EvalSettings = EvalSettings()
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_source(cls, ds: str | dict[str, Any]) -> str | dict[str, Any]:
+        if isinstance(ds, str) and ds not in PRESET_NAMES and not ds.endswith(".json"):
+            near = difflib.get_close_matches(ds, PRESET_NAMES, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ValueError(f"'{ds}' is neither a preset ({', '.join(PRESET_NAMES)}) nor a .json path{hint}")
+        return ds
+
+
+# Fields holding filesystem paths; made absolute at load time so a run directory is self-contained.
+_PATH_FIELDS = (
+    ("model", "vision", "path"),
+    ("model", "llm", "path"),
+    ("model", "tokenizer"),
+    ("data", "train"),
+    ("data", "val"),
+    ("data", "image_root"),
+    ("train", "output_dir"),
+)
+
+
+def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """All dotted keys of the schema (free-form dict fields count as leaves)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        for sub in _submodels(field.annotation):
+            keys.extend(valid_keys(sub, dotted + "."))
+    return keys
+
+
+def _submodels(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) is not None:
+        return [m for a in get_args(annotation) for m in _submodels(a)]
+    return []
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.max_steps=5`` -> (["train", "max_steps"], 5); values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. train.max_steps=5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                here = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"override '{item}': {here} is {child!r}, not a mapping; "
+                    f"set {here} to an inline mapping (or a JSON file) to change its keys"
+                )
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    # pydantic puts union member names (e.g. 'str', 'dict[str,any]') into loc; keep schema keys only
+    key_parts = []
+    model: Any = Config
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            if part.isdigit() or not key_parts:
+                key_parts.append(part)
+            continue
+        if part in fields:
+            key_parts.append(part)
+            subs = _submodels(fields[part].annotation)
+            model = subs[0] if subs else None
+        elif err["type"] == "extra_forbidden":
+            key_parts.append(part)
+            break
+    key = ".".join(key_parts) or "config"
+    if err["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
+        if not near:  # compare the last component against siblings
+            siblings = [k for k in valid_keys() if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0]]
+            near = difflib.get_close_matches(key, siblings, n=1, cutoff=0.3)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        return f"unknown key {key}{hint}"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    msg = err["msg"].replace("Value error, ", "")
+    got = err.get("input")
+    shown = f", got {got!r}" if not isinstance(got, dict) and got is not None and repr(got) not in msg else ""
+    return f"{key}: {msg}{shown}"
+
+
+def _absolutize(data: dict[str, Any]) -> None:
+    for path in _PATH_FIELDS:
+        node: Any = data
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(path[-1]), str):
+            node[path[-1]] = os.path.abspath(os.path.expanduser(node[path[-1]]))
+    ds = data.get("deepspeed")
+    if isinstance(ds, str) and ds.endswith(".json"):
+        data["deepspeed"] = os.path.abspath(ds)
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw mapping; any problem becomes one ConfigError line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping with model, data, train, deepspeed")
+    raw = copy.deepcopy(raw)
+    _absolutize(raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"{source}: {_format_error(errors[0])}{more}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Load YAML, apply dotted overrides, validate. Raises ConfigError with one readable line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if isinstance(raw.get("deepspeed"), str) and raw["deepspeed"].endswith(".json"):
+        ds_path = Path(raw["deepspeed"])
+        if not ds_path.is_absolute() and not ds_path.exists():
+            raw["deepspeed"] = str(path.parent / ds_path)  # allow paths relative to the YAML file
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw, source=str(path))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

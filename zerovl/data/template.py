@@ -1,0 +1,134 @@
+"""Turn a chat Sample into token ids and assistant-only labels.
+
+The tokenizer's own chat template renders the text (``apply_chat_template``); tokenizers without one
+get ChatML. Each ``<image>`` tag becomes ``tokens_per_image`` copies of the image token, which the
+model later overwrites with projected image features. Labels are ``-100`` everywhere except on the
+assistant replies (content and end-of-turn token), found by rendering conversation prefixes and
+mapping their character spans onto tokens through the fast tokenizer's offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zerovl.data.samples import IMAGE_TAG, Sample
+from zerovl.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+
+
+class TooLong(Exception):
+    """Raised when max_length would cut image tokens or leave no supervised token."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer, image_token: str, tokens_per_image: int, system_prompt: str | None = None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("model.tokenizer must be a fast (Rust) tokenizer: label masking needs offsets")
+        self.tokenizer = tokenizer
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ConfigError(f"model.image_token {image_token!r} is not a token of the tokenizer")
+        self.tokens_per_image = tokens_per_image
+        self.system_prompt = system_prompt
+        self.chat_template = None if tokenizer.chat_template else CHATML_TEMPLATE
+
+    # -- rendering -----------------------------------------------------------------------------
+    def _messages(self, sample: Sample) -> list[dict[str, str]]:
+        msgs = [dict(role=m["role"], content=m["content"]) for m in sample.messages]
+        if self.system_prompt is not None and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        expanded = self.image_token * self.tokens_per_image
+        for m in msgs:
+            m["content"] = m["content"].replace(IMAGE_TAG, expanded)
+        return msgs
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=self.chat_template,
+        )
+
+    def _assistant_spans(self, msgs: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+        spans = []
+        cursor = 0
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(msgs[:i], add_generation_prompt=True)
+            through = self.render(msgs[: i + 1])
+            if full.startswith(before) and full.startswith(through) and len(through) > len(before):
+                spans.append((len(before), len(through)))
+                cursor = len(through)
+            else:  # template that rewrites earlier turns: fall back to locating the reply text
+                start = full.find(m["content"], cursor)
+                if start < 0:
+                    raise DataError(f"chat template dropped an assistant reply; cannot build labels for {m!r}")
+                spans.append((start, start + len(m["content"])))
+                cursor = start + len(m["content"])
+        return spans
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode(self, sample: Sample, max_length: int | None = None) -> Encoded:
+        """Token ids and labels for training. Raises TooLong if max_length would cut an image."""
+        msgs = self._messages(sample)
+        full = self.render(msgs)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        spans = self._assistant_spans(msgs, full)
+        labels = [IGNORE_INDEX] * len(ids)
+        span_i = 0
+        for t, (start, end) in enumerate(offsets):
+            while span_i < len(spans) and start >= spans[span_i][1]:
+                span_i += 1
+            if span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1] and end > start:
+                labels[t] = ids[t]
+        self._check_image_tokens(ids, len(sample.images), sample.source)
+        if max_length is not None and len(ids) > max_length:
+            image_positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+            if image_positions and image_positions[-1] >= max_length:
+                raise TooLong("image_tokens_cut")
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(lab == IGNORE_INDEX for lab in labels):
+            raise TooLong("no_supervised_tokens")
+        return Encoded(ids, labels, len(sample.images))
+
+    def encode_prompt(self, sample: Sample) -> list[int]:
+        """Ids of the conversation up to (not including) the last assistant reply, ready to generate."""
+        msgs = self._messages(sample)
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        text = self.render(msgs, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self._check_image_tokens(ids, len(sample.images), sample.source)
+        return ids
+
+    def _check_image_tokens(self, ids: list[int], num_images: int, source: str) -> None:
+        found = sum(1 for t in ids if t == self.image_token_id)
+        expected = num_images * self.tokens_per_image
+        if found != expected:
+            raise DataError(
+                f"{source}: {found} image tokens after templating but {num_images} image(s) x "
+                f"{self.tokens_per_image} tokens = {expected}; is {self.image_token!r} also in the plain text?"
+            )

@@ -1,0 +1,125 @@
+"""Build the model a config describes: load or random-init each part, then apply the per-part
+training mode (frozen / full / LoRA) and gradient checkpointing — in one place, not in the modules."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zerovl.config import LoraSettings, ModelSettings
+from zerovl.errors import ConfigError
+from zerovl.models.connectors import build_connector
+from zerovl.models.vision import ImageProcessor, build_vision
+from zerovl.models.vlm import ComposedVLM
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class BuiltModel:
+    model: ComposedVLM
+    tokenizer: object
+    image_processor: ImageProcessor | None
+    tokens_per_image: int
+
+
+def load_tokenizer(settings: ModelSettings):
+    from transformers import AutoTokenizer
+
+    path = settings.tokenizer or settings.llm.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path} ({e.__class__.__name__})") from None
+    image_id = tokenizer.convert_tokens_to_ids(settings.image_token)
+    if image_id is None or image_id == tokenizer.unk_token_id:
+        tokenizer.add_tokens([settings.image_token], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_llm(settings, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if settings.path is not None:
+        try:
+            return AutoModelForCausalLM.from_pretrained(settings.path, dtype=dtype)
+        except OSError as e:
+            raise ConfigError(f"model.llm.path: cannot load {settings.path} ({e})") from None
+    inline = dict(settings.config)
+    model_type = inline.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError("model.llm.config needs a model_type, e.g. qwen2")
+    cfg = AutoConfig.for_model(model_type, **inline)
+    return AutoModelForCausalLM.from_config(cfg).to(dtype)
+
+
+def build_model(settings: ModelSettings, precision: str = "fp32") -> BuiltModel:
+    dtype = DTYPES[precision]
+    tokenizer = load_tokenizer(settings)
+    llm = build_llm(settings.llm, dtype)
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer))
+    vision = connector = processor = None
+    if settings.vision is not None:
+        vision, processor = build_vision(settings.vision, settings.connector.type, dtype)
+        connector = build_connector(
+            settings.connector, vision.hidden_size, llm.get_input_embeddings().embedding_dim, vision.num_tokens
+        ).to(dtype)
+    model = ComposedVLM(
+        llm=llm,
+        image_token_id=tokenizer.convert_tokens_to_ids(settings.image_token),
+        vision=vision,
+        connector=connector,
+        vision_trainable=settings.vision is not None and settings.vision.mode != "frozen",
+    )
+    apply_training_modes(model, settings)
+    return BuiltModel(model, tokenizer, processor, model.tokens_per_image)
+
+
+def _lora(module: nn.Module, lora: LoraSettings, causal_lm: bool) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM" if causal_lm else None,
+    )
+    return get_peft_model(module, config)
+
+
+def _enable_checkpointing(module: nn.Module, name: str) -> None:
+    if not getattr(module, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"model.{name}.gradient_checkpointing: this model does not support it")
+    # non-reentrant: works when inputs come from frozen modules (reentrant raises "does not require grad")
+    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_training_modes(model: ComposedVLM, settings: ModelSettings) -> None:
+    """frozen: no gradients; full: everything trains; lora: base frozen, peft adapters train."""
+    llm = settings.llm
+    if llm.gradient_checkpointing:
+        _enable_checkpointing(model.llm, "llm")
+    model.llm.requires_grad_(llm.mode == "full")
+    if llm.mode == "lora":
+        model.llm = _lora(model.llm, llm.lora, causal_lm=True)
+    if model.vision is not None:
+        vision = settings.vision
+        if vision.gradient_checkpointing:
+            _enable_checkpointing(model.vision.encoder, "vision")
+        model.vision.requires_grad_(vision.mode == "full")
+        if vision.mode == "lora":
+            model.vision.encoder = _lora(model.vision.encoder, vision.lora, causal_lm=False)
+        model.connector.requires_grad_(settings.connector.mode == "full")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("every part is frozen: set model.<part>.mode to full or lora for something to train")
+
+
+def model_parts(model: ComposedVLM) -> dict[str, nn.Module]:
+    parts = {"vision": model.vision, "connector": model.connector, "llm": model.llm}
+    return {k: v for k, v in parts.items() if v is not None}

@@ -1,0 +1,71 @@
+"""The composed vision-language model: vision tower -> connector -> causal LM.
+
+Image features replace the image-token rows of the LLM's input embeddings; the LLM does the rest.
+The vision path runs on *every* forward — on a zero dummy image, weighted by 0, when a batch has no
+images — so all ranks call the same modules in the same order and ZeRO-3 never hangs on mixed
+text-only / image batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from zerovl.errors import DataError
+
+
+class ComposedVLM(nn.Module):
+    def __init__(self, llm: nn.Module, image_token_id: int, vision: nn.Module | None = None,
+                 connector: nn.Module | None = None, vision_trainable: bool = False):
+        super().__init__()
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.image_token_id = image_token_id
+        self.vision_trainable = vision_trainable
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.connector.tokens_per_image if self.connector is not None else 0
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, tokens_per_image, llm_hidden). A frozen tower keeps no activations."""
+        with contextlib.nullcontext() if self.vision_trainable else torch.no_grad():
+            features = self.vision(pixel_values)
+        return self.connector(features)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        if self.vision is None:
+            return embeds
+        image_mask = input_ids == self.image_token_id
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if image_mask.any():
+                raise DataError("batch has image tokens but no pixel_values")
+            size = self.vision.image_size
+            dummy = torch.zeros(1, 3, size, size, device=embeds.device)
+            return embeds + 0.0 * self.encode_images(dummy).sum().to(embeds.dtype)
+        features = self.encode_images(pixel_values)
+        expected = int(image_mask.sum())
+        if features.shape[0] * features.shape[1] != expected:
+            raise DataError(
+                f"{features.shape[0]} image(s) x {features.shape[1]} tokens do not match the "
+                f"{expected} image tokens in the text"
+            )
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None):
+        embeds = self.embed(input_ids, pixel_values)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        return out.loss if labels is not None else out.logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Greedy/sampled continuation of left-padded prompts; returns only the new token ids."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
