@@ -54,12 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*")
 
-    p = sub.add_parser("chat", help="ask a trained run about images")
-    p.add_argument("--run", required=True, help="run directory (its newest complete checkpoint is used)")
-    p.add_argument("--checkpoint", default=None, help="a specific checkpoint directory of the run")
+    p = sub.add_parser("chat", help="ask a trained run (or an export) about images")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory (newest complete checkpoint) or one of its checkpoints")
+    source.add_argument("--model", help="a directory written by `zerovl export`")
     p.add_argument("--image", action="append", default=[], help="image path (repeat for several)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("question", nargs="?", help="omit for an interactive session")
+
+    p = sub.add_parser("export", help="consolidate a checkpoint into HF safetensors directories")
+    p.add_argument("checkpoint", help="RUN_DIR (newest complete checkpoint) or RUN_DIR/checkpoints/step_N")
+    p.add_argument("out_dir")
+    p.add_argument("--adapter", action="store_true", help="write the LLM's LoRA as a peft adapter, unmerged")
     return parser
 
 
@@ -81,7 +87,7 @@ def _cmd_demo(args) -> int:
 def _cmd_chat(args) -> int:
     from zerovl.recipes.chat import Chatbot
 
-    bot = Chatbot.from_run(args.run, args.checkpoint)
+    bot = Chatbot.from_run(args.run) if args.run else Chatbot.from_export(args.model)
     if args.question:
         print(bot.answer(args.question, args.image, args.max_new_tokens))
         return 0
@@ -96,7 +102,15 @@ def _cmd_chat(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat}
+def _cmd_export(args) -> int:
+    from zerovl.recipes.export import export
+
+    export(args.checkpoint, args.out_dir, adapter=args.adapter)
+    print(f"exported to {args.out_dir}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,4 +40,4 @@ def check(proc: subprocess.CompletedProcess) -> str:
 
 def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return [r for r in rows if "split" not in r], [r for r in rows if r.get("split") == "val"]
+    return [r for r in rows if r.get("split") == "train"], [r for r in rows if r.get("split") == "val"]

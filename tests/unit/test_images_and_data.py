@@ -120,8 +120,21 @@ def test_sampler_is_deterministic_disjoint_and_resumable():
     flat = [i for b in b0 + b1 for i in b]
     assert set(flat) == set(range(21)) and len(flat) == 22  # one wrap-around pad
     again = ResumableBatchSampler(21, 4, rank=0, world_size=2, seed=3)
-    again.set_position(epoch=1, start_batch=1)
+    again.set_position(epoch=1, consumed=8)  # one micro-batch per rank done
     assert list(again) == b0[1:]
     other_epoch = ResumableBatchSampler(21, 4, rank=0, world_size=2, seed=3)
     other_epoch.set_position(epoch=2)
     assert list(other_epoch) != b0
+
+
+def test_sampler_position_survives_a_world_size_change():
+    """2 ranks consume 2 micro-batches; the rest of the epoch on 3 ranks covers exactly the others."""
+    two = [ResumableBatchSampler(50, 3, rank=r, world_size=2, seed=1) for r in range(2)]
+    done = [i for s in two for b in list(s)[:2] for i in b]
+    three = [ResumableBatchSampler(50, 3, rank=r, world_size=3, seed=1) for r in range(3)]
+    for s in three:
+        s.set_position(epoch=0, consumed=len(done))
+    rest = [i for s in three for b in s for i in b]
+    assert len(set(done)) == len(done) == 12
+    assert set(done) | set(rest) == set(range(50)) and not set(done) & set(rest)
+    assert len(rest) - len(set(rest)) < 3  # only wrap-around padding repeats

@@ -27,6 +27,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SLOTS = ("left", "middle", "right")
+WHERE = ("on the left", "in the middle", "on the right")
 NUMBERS = ("zero", "one", "two", "three")
 SIDES = {"circle": "zero", "square": "four", "triangle": "three"}
 QUESTION_TYPES = ("colour", "shape", "count", "position")
@@ -75,15 +76,15 @@ def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float 
 
 def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
     """(type, question, answer) triples, one per question type that the scene allows."""
-    obj = rng.choice(scene)
+    obj, other = rng.choice(scene), rng.choice(scene)
     qa = [
-        ("colour", f"what colour is the {obj.shape} ?", obj.colour),
-        ("shape", f"what shape is the {obj.colour} object ?", obj.shape),
+        ("colour", f"what colour is the shape {WHERE[obj.slot]} ?", obj.colour),
+        ("shape", f"what shape is {WHERE[other.slot]} ?", other.shape),
         ("count", "how many shapes are there ?", NUMBERS[len(scene)]),
     ]
     if len(scene) >= 2:
         a, b = rng.sample(scene, 2)
-        qa.append(("position", f"is the {a.name} left or right of the {b.name} ?",
+        qa.append(("position", f"is the {a.colour} shape left or right of the {b.colour} shape ?",
                    "left" if a.slot < b.slot else "right"))
     return qa
 
@@ -146,6 +147,7 @@ def vocabulary_words() -> list[str]:
     words: set[str] = set()
     texts: Iterable[str] = [
         "what colour is the object ? shape how many shapes are there is left or right of describe image .",
+        "on in",
         "a then does have sides", " ".join(COLOURS), " ".join(SHAPES), " ".join(NUMBERS), " ".join(SLOTS),
         " ".join(SIDES.values()), "system user assistant you are helpful",
     ]

@@ -1,8 +1,12 @@
 """Deterministic, resumable, distributed batch sampler.
 
-Every epoch is a seeded permutation (seed + epoch), padded so each rank gets the same number of
-micro-batches — ranks must take the same number of steps or collectives hang. ``start_batch`` lets a
-resumed run skip exactly the micro-batches it has already consumed, without loading them.
+Every epoch is a seeded permutation (seed + epoch) of the dataset. Ranks take interleaved positions
+of it (rank r gets positions r, r+W, r+2W, ...), so after any number of steps the samples consumed by
+*all* ranks together are exactly a prefix of the permutation. The position is therefore one number —
+``consumed`` samples of the epoch — that does not depend on the world size: a run resumed on a
+different number of ranks continues with the rest of the same epoch, nothing skipped or repeated.
+The remainder is padded by wrapping so every rank gets the same number of micro-batches (ranks must
+take the same number of steps or collectives hang).
 """
 
 from __future__ import annotations
@@ -26,30 +30,41 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
-        self.start_batch = 0
+        self.consumed = 0  # samples of this epoch already taken by all ranks together
 
     @property
     def per_rank(self) -> int:
-        return math.ceil(self.num_samples / self.world_size)
+        """Samples each rank gets from the rest of this epoch."""
+        return math.ceil(max(0, self.num_samples - self.consumed) / self.world_size)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.world_size
 
     def __len__(self) -> int:
+        """Micro-batches each rank gets from the rest of this epoch."""
         return math.ceil(self.per_rank / self.batch_size)
 
-    def set_position(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    def full_epoch_batches(self) -> int:
+        return math.ceil(math.ceil(self.num_samples / self.world_size) / self.batch_size)
 
-    def epoch_indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
+    def set_position(self, epoch: int, consumed: int = 0) -> None:
+        self.epoch, self.consumed = epoch, consumed
+
+    def epoch_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def rank_indices(self) -> list[int]:
+        rest = self.epoch_order()[self.consumed:]
         total = self.per_rank * self.world_size
-        while len(order) < total:  # pad by wrapping so all ranks get equal shares
-            order += order[: total - len(order)]
-        return order[self.rank : total : self.world_size]
+        while rest and len(rest) < total:
+            rest += rest[: total - len(rest)]
+        return rest[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
-        mine = self.epoch_indices()
-        for b in range(self.start_batch, len(self)):
+        mine = self.rank_indices()
+        for b in range(len(self)):
             yield mine[b * self.batch_size : (b + 1) * self.batch_size]

@@ -81,16 +81,26 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], dist: DistInfo,
-         keep_last: int) -> Path:
-    """Collective save of step ``step``; returns the checkpoint directory."""
+         keep_last: int, trainable_only: bool = False) -> Path:
+    """Collective save of step ``step``; returns the checkpoint directory.
+
+    ``trainable_only`` leaves frozen parameters out (they are reloaded from their source — a
+    ``from_pretrained`` directory or the seeded random init — when resuming), so a projector-only run
+    of a 7B model writes megabytes, not gigabytes."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     ckpt = root / tag
     if dist.is_main and ckpt.exists() and not is_complete(ckpt):
         shutil.rmtree(ckpt)  # leftovers of an interrupted save of this very step
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"zerovl": state}, save_latest=False)
+    state = {**state, "trainable_only": trainable_only}
+    engine.save_checkpoint(str(root), tag=tag, client_state={"zerovl": state}, save_latest=False,
+                           exclude_frozen_parameters=trainable_only)
     torch.save(rng_state(), ckpt / f"zerovl_rank{dist.rank}.pt")
     barrier()  # every rank's shard is on disk before the checkpoint counts
     if dist.is_main:
@@ -136,19 +146,120 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
+# Changing these between save and resume only changes how training continues, never what the
+# checkpoint holds; anything else under `model` changes parameters and is refused.
+_MODEL_KEYS_SAFE_TO_CHANGE = ("lr", "gradient_checkpointing")
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], ckpt: Path) -> list[str]:
+    """Raise CheckpointError for architecture changes; return the benign changed keys (warned about)."""
+    from zerovl.config import diff_configs
+
+    changed = diff_configs(saved, current)
+    fatal = [k for k in changed if k.startswith("model.") and k.rsplit(".", 1)[-1] not in _MODEL_KEYS_SAFE_TO_CHANGE]
+    if fatal:
+        shown = ", ".join(f"{k} ({flatten_get(saved, k)!r} -> {flatten_get(current, k)!r})" for k in fatal[:3])
+        more = f" and {len(fatal) - 3} more" if len(fatal) > 3 else ""
+        raise CheckpointError(
+            f"{ckpt} was trained with a different model: {shown}{more}; resume with the original model "
+            "settings, or start a new run (train.resume=none / another train.output_dir)")
+    return [k for k in changed if not k.startswith("train.resume")]
+
+
+def flatten_get(tree: dict[str, Any], dotted: str) -> Any:
+    from zerovl.config import flatten
+
+    return flatten(tree).get(dotted)
+
+
 def load(engine, ckpt: Path, dist: DistInfo) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG; returns the zerovl state dict."""
-    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_lr_scheduler_states=False)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+    """Restore model, optimizer and RNG; returns the zerovl state dict.
+
+    Same world size and ZeRO stage: DeepSpeed's own loader (bit-exact). Otherwise the checkpoint is
+    converted to DeepSpeed's universal layout and restored parameter by parameter (see load_portable).
+    """
     state = read_state(ckpt)
-    rng_file = ckpt / f"zerovl_rank{dist.rank}.pt"
-    if state.get("world_size") == dist.world_size and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    else:
-        log.warning("world size changed (%s -> %s): RNG streams start fresh", state.get("world_size"),
-                    dist.world_size)
+    stage = engine.zero_optimization_stage()
+    saved_stage, saved_world = state.get("zero_stage", stage), state.get("world_size", dist.world_size)
+    if (saved_stage, saved_world) == (stage, dist.world_size):
+        # a trainable-only checkpoint lacks the frozen weights, which the freshly built model already holds
+        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_lr_scheduler_states=False,
+                                         load_module_strict=not state.get("trainable_only", False))
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+        rng_file = ckpt / f"zerovl_rank{dist.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return state
+    if saved_stage == 0 or stage == 0:
+        raise CheckpointError(
+            f"{ckpt}: ZeRO-{saved_stage} on {saved_world} rank(s) cannot be resumed as ZeRO-{stage} on "
+            f"{dist.world_size}; changing stage or world size needs ZeRO-1/2/3 on both sides")
+    if dist.is_main:
+        log.info("resuming ZeRO-%d x%d checkpoint as ZeRO-%d x%d through a universal checkpoint; RNG streams "
+                 "start fresh", saved_stage, saved_world, stage, dist.world_size)
+    load_portable(engine, ckpt, dist, state["step"])
     return state
+
+
+def to_universal(ckpt: Path) -> Path:
+    """Convert a ZeRO checkpoint (once) to DeepSpeed's universal layout: a folder per parameter with
+    its full fp32 value and Adam moments, independent of stage and world size."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = ckpt / "universal"
+    if is_complete(out):
+        return out
+    tmp = ckpt / "universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds_to_universal(argparse.Namespace(
+        input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    _atomic_write(out / DONE_FILE, "universal\n")
+    return out
+
+
+def load_portable(engine, ckpt: Path, dist: DistInfo, step: int) -> None:
+    """Set every trainable parameter's fp32 master, working copy, Adam moments and step through
+    DeepSpeed's tensor-fragment API, which works on any ZeRO stage and partitioning."""
+    from deepspeed import zero
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if dist.is_main:
+        to_universal(ckpt)
+    barrier()
+    folder = ckpt / "universal" / "zero"
+    stage3 = engine.zero_optimization_stage() == 3
+    adam_step = None
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen: the freshly built model already holds the same weights
+        pdir = folder / name
+        if not (pdir / "fp32.pt").is_file():
+            raise CheckpointError(f"{ckpt}: no saved state for parameter {name}")
+        value = torch.load(pdir / "fp32.pt", weights_only=False)["param"]
+        safe_set_full_fp32_param(param, value)
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(param, torch.load(pdir / f"{key}.pt", weights_only=False)["param"], key)
+        if adam_step is None and (pdir / "step.pt").is_file():
+            adam_step = torch.load(pdir / "step.pt", weights_only=False)
+        if stage3:  # the partitioned 16-bit copy used by forward
+            with zero.GatheredParameters([param], modifier_rank=0):
+                if dist.is_main:
+                    param.data.copy_(value.to(param.dtype))
+        else:
+            param.data.copy_(value.to(param.dtype))
+    adam_step = float(adam_step if adam_step is not None else step)
+    for opt_state in engine.optimizer.optimizer.state.values():
+        if "step" in opt_state:  # Adam's bias correction depends on it
+            old = opt_state["step"]
+            opt_state["step"] = torch.tensor(adam_step, dtype=old.dtype) if torch.is_tensor(old) else int(adam_step)
+    engine.global_steps = step
+    barrier()
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,9 @@ training mode (frozen / full / LoRA) and gradient checkpointing — in one place
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +30,24 @@ class BuiltModel:
     tokens_per_image: int
 
 
+def _declared_generic(path: str) -> bool:
+    """True when tokenizer_config.json asks for the generic fast tokenizer. AutoTokenizer would
+    otherwise pick the model type's class (e.g. Qwen2Tokenizer) when a config.json sits beside it,
+    replacing a custom tokenizer's pre-tokenizer and decoder."""
+    config = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(settings: ModelSettings):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = settings.tokenizer or settings.llm.path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        loader = PreTrainedTokenizerFast if _declared_generic(path) else AutoTokenizer
+        tokenizer = loader.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path} ({e.__class__.__name__})") from None
     image_id = tokenizer.convert_tokens_to_ids(settings.image_token)

@@ -1,21 +1,17 @@
-"""``zerovl chat``: answer questions about images with a trained run, on one process, no DeepSpeed."""
+"""``zerovl chat``: answer questions about images with a trained run or an export, on one process."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-from zerovl.config import load_config
+from zerovl.data.images import load_image
 from zerovl.data.samples import IMAGE_TAG, Sample
 from zerovl.data.template import ChatTemplate
-from zerovl.engine import checkpoint
-from zerovl.errors import CheckpointError
-from zerovl.models.builder import BuiltModel, build_model
+from zerovl.engine.restore import load_export, load_trained
+from zerovl.models.builder import BuiltModel
 from zerovl.recipes.evaluate import left_pad
-
-log = logging.getLogger("zerovl.chat")
 
 
 class Chatbot:
@@ -26,31 +22,20 @@ class Chatbot:
         built.model.eval()
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, ckpt: str | Path | None = None) -> Chatbot:
-        run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
-        path = Path(ckpt) if ckpt else checkpoint.find_resume(run_dir)
-        if path is None:
-            raise CheckpointError(f"{run_dir} has no complete checkpoint to chat with")
-        built = build_model(cfg.model, "fp32")
-        state = checkpoint.consolidated_state_dict(path)
-        missing, unexpected = built.model.load_state_dict(
-            {k: v.float() for k, v in state.items()}, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
-            raise CheckpointError(f"{path} does not fit the model in {run_dir}/config.yaml "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        log.info("loaded %s", path)
+    def from_run(cls, run_or_ckpt: str | Path) -> Chatbot:
+        cfg, built, _ = load_trained(run_or_ckpt)
         template = ChatTemplate(built.tokenizer, cfg.model.image_token, built.tokens_per_image,
                                 cfg.data.system_prompt)
         return cls(built, template, cfg.data.max_pixels)
 
+    @classmethod
+    def from_export(cls, export_dir: str | Path, max_pixels: int = 1024 * 1024) -> Chatbot:
+        settings, built, _ = load_export(export_dir)
+        return cls(built, ChatTemplate(built.tokenizer, settings.image_token, built.tokens_per_image), max_pixels)
+
     @torch.no_grad()
     def answer(self, question: str, images: list[str] = (), max_new_tokens: int = 64,
                history: list[dict[str, str]] | None = None) -> str:
-        from zerovl.data.images import load_image
-
         content = question
         if images and not history and IMAGE_TAG not in question:  # images belong to the first turn
             content = IMAGE_TAG * len(images) + question

@@ -30,6 +30,7 @@ from zerovl.engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from zerovl.engine.ds_config import build_ds_config, zero_stage
 from zerovl.engine.metrics import MetricsLog, progress_bar
 from zerovl.engine.optim import param_groups
+from zerovl.engine.preemption import GracefulStop
 from zerovl.engine.schedule import lr_factor, set_lr
 from zerovl.models.builder import build_model, model_parts
 from zerovl.recipes.evaluate import evaluate
@@ -99,21 +100,30 @@ def train(cfg: Config) -> dict[str, Any]:
     step = 0
     resume_from = checkpoint.resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
+        saved = checkpoint.read_state(resume_from)
+        changed = checkpoint.check_compatible(saved["config"], cfg.model_dump(mode="json"), resume_from)
+        if changed and dist.is_main:
+            log.warning("resuming with changed settings: %s", ", ".join(changed))
         state = checkpoint.load(engine, resume_from, dist)
         step = state["step"]
         stream.load_state_dict(state["data"])
         if dist.is_main:
-            log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_from, step,
-                     stream.epoch, stream.batch_in_epoch)
+            log.info("resumed from %s at step %d (epoch %d, %d samples of it consumed)", resume_from, step,
+                     stream.epoch, stream.consumed)
 
     def save(at_step: int) -> None:
         state = {"step": at_step, "data": stream.state_dict(), "world_size": dist.world_size,
+                 "zero_stage": zero_stage(ds_config),
                  "schedule": {"type": cfg.train.schedule, "warmup_steps": cfg.train.warmup_steps,
                               "total_steps": total_steps, "min_ratio": min_ratio},
                  "config": cfg.model_dump(mode="json"), "versions": library_versions()}
-        ckpt = checkpoint.save(engine, out, at_step, state, dist, cfg.train.keep_last)
+        ckpt = checkpoint.save(engine, out, at_step, state, dist, cfg.train.keep_last,
+                               trainable_only=trainable < total)
         if dist.is_main:
-            log.info("saved checkpoint %s", ckpt)
+            size = checkpoint.directory_bytes(ckpt)
+            metrics.write({"event": "checkpoint", "step": at_step, "bytes": size, "trainable_only": trainable < total})
+            log.info("saved checkpoint %s (%.1f MB%s)", ckpt, size / 2**20,
+                     ", trainable parameters only" if trainable < total else "")
 
     def run_eval(at_step: int) -> dict[str, Any]:
         result = evaluate(engine, val_set, template, cfg, dist, collate)
@@ -128,11 +138,12 @@ def train(cfg: Config) -> dict[str, Any]:
     skipped = 0
     last_saved = step if resume_from is not None else -1
     stop_at = min(total_steps, cfg.train.stop_after_steps or total_steps)
+    stop_signal = GracefulStop().install()
     while step < stop_at:
         lr = set_lr(optimizer, lr_factor(step, total_steps, cfg.train.warmup_steps, cfg.train.schedule, min_ratio))
         started = time.perf_counter()
         loss_sum = samples = tokens = 0.0
-        for _ in range(accum):
+        for _ in range(accum):  # DeepSpeed applies the optimizer at the accumulation boundary
             batch = stream.next()
             skipped += int(batch.pop("num_skipped"))
             batch = {k: v.to(dist.device) for k, v in batch.items() if k not in META_KEYS}
@@ -146,25 +157,33 @@ def train(cfg: Config) -> dict[str, Any]:
         loss_sum, samples, tokens = all_reduce_sum([loss_sum, samples, tokens], dist.device)
         elapsed = time.perf_counter() - started
         grad_norm = engine.get_global_grad_norm()
-        record = {"step": step, "epoch": stream.epoch, "loss": loss_sum / (accum * dist.world_size), "lr": lr,
+        record = {"split": "train", "step": step, "epoch": stream.epoch, "consumed": stream.consumed, "loss": loss_sum / (accum * dist.world_size), "lr": lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped_samples": skipped}
         if step % cfg.train.log_every == 0 or step == total_steps:
             metrics.write(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}",
+                        refresh=False)
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save(step)
             last_saved = step
+        if stop_signal.requested(dist.device):
+            break
         if cfg.train.eval_every and val_set is not None and step % cfg.train.eval_every == 0 and step < total_steps:
             run_eval(step)
+    stop_signal.restore()
     bar.close()
 
     # ---- finish ------------------------------------------------------------------------------
     if last_saved != step:
         save(step)
     result: dict[str, Any] = {"step": step}
-    if val_set is not None and step == total_steps:
+    if stop_signal.received:
+        if dist.is_main:
+            log.warning("received %s: stopped after step %d/%d with a checkpoint; run the same command again "
+                        "to resume (train.resume=auto)", stop_signal.received, step, total_steps)
+    elif val_set is not None and step == total_steps:
         result.update(run_eval(step))
     if dist.is_main:
         log.info("done: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
