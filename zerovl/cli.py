@@ -66,6 +66,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="RUN_DIR (newest complete checkpoint) or RUN_DIR/checkpoints/step_N")
     p.add_argument("out_dir")
     p.add_argument("--adapter", action="store_true", help="write the LLM's LoRA as a peft adapter, unmerged")
+
+    class _Intermixed(argparse.ArgumentParser):
+        """Lets key=value overrides follow options: `zerovl plan CFG --gpus 8 train.x=1` (plain argparse
+        gives the positionals' turn to CONFIG alone and rejects the later ones)."""
+
+        def parse_known_args(self, args=None, namespace=None):
+            if getattr(self, "_intermixing", False):  # parse_known_intermixed_args calls back in here
+                return super().parse_known_args(args, namespace)
+            self._intermixing = True
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._intermixing = False
+
+    p = sub.add_parser("plan", help="memory per GPU and per node under each ZeRO option, from config files only")
+    p.__class__ = _Intermixed
+    p.add_argument("config")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-mem", required=True, help="memory per GPU, e.g. 80GB (GB = GiB)")
+    p.add_argument("--cpu-mem", default=None, help="host RAM per node, e.g. 512GB; checked when given")
+    p.add_argument("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
+    p.add_argument("--images-per-sample", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.micro_batch_size=8")
+
+    p = sub.add_parser("bench", help="train a few steps under each ZeRO option and compare speed and memory")
+    p.__class__ = _Intermixed
+    p.add_argument("config")
+    p.add_argument("--stages", default="zero0,zero1,zero2,zero3", help="comma-separated presets or plan options")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun --nproc_per_node)")
+    p.add_argument("--out", default=None, help="output directory (default <train.output_dir>/bench-<time>)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per stage")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("overrides", nargs="*")
+
+    p = sub.add_parser("report", help="plot loss, lr, throughput and memory of a run to PNG files")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="directory for the PNG files (default: the run directory)")
+    p = sub.add_parser("data", help="check the training data, or pre-tokenize it into data.cache_dir")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("check", help="counts, broken records, missing images, lengths; exit 1 when the "
+                            "share of broken records exceeds --max-error-rate")
+    q.add_argument("config")
+    q.add_argument("overrides", nargs="*")
+    q.add_argument("--max-error-rate", type=float, default=0.0, help="allowed share of broken records (0.01 = 1%%)")
+    q.add_argument("--out", default=None, help="report and histogram directory (default <train.output_dir>/data_check)")
+    q.add_argument("--no-images", action="store_true", help="skip opening every image (faster)")
+    q = data_sub.add_parser("prepare", help="tokenize the training data into data.cache_dir (parallel, resumable)")
+    q.add_argument("config")
+    q.add_argument("overrides", nargs="*")
+    q.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    q.add_argument("--shard-size", type=int, default=10_000, help="samples per cache shard")
+    q.add_argument("--overwrite", action="store_true", help="replace a cache made from other settings")
     return parser
 
 
@@ -110,7 +165,50 @@ def _cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "export": _cmd_export}
+def _cmd_plan(args) -> int:
+    from zerovl.config import load_config
+    from zerovl.engine.planner import Hardware, parse_size
+    from zerovl.recipes.plan import run_plan
+
+    hardware = Hardware(gpus_per_node=args.gpus, nodes=args.nodes, gpu_mem=parse_size(args.gpu_mem),
+                        cpu_mem=parse_size(args.cpu_mem) if args.cpu_mem else None)
+    run_plan(load_config(args.config, args.overrides), hardware, args.margin, args.images_per_sample,
+             source=args.config, json_path=args.json)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from zerovl.recipes.bench import run_bench
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    run_bench(args.config, stages, args.steps, args.nproc, args.out, args.overrides, args.timeout,
+              args.keep_checkpoints)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from zerovl.recipes.report import report
+
+    for path in report(args.run_dir, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from zerovl.config import load_config
+    from zerovl.recipes.data import check_data, describe_prepare, prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    if args.data_command == "prepare":
+        print(describe_prepare(prepare_data(cfg, args.workers, args.shard_size, args.overwrite), cfg.data.cache_dir))
+        return 0
+    report = check_data(cfg, args.out, args.max_error_rate, check_images=not args.no_images)
+    print(report.render())
+    return 0 if report.passed else 1
+
+
+COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "export": _cmd_export,
+            "plan": _cmd_plan, "bench": _cmd_bench, "report": _cmd_report, "data": _cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,11 +60,19 @@ class ConnectorSettings(_Strict):
     """Maps vision features to LLM embeddings; fixes the number of image tokens per image."""
 
     type: Literal["linear", "mlp", "qformer"] = "mlp"
+    path: str | None = Field(None, description="qformer: a BLIP-2 directory to load the Q-Former and queries from")
     mlp_depth: int = Field(2, ge=1)
     num_query_tokens: int = Field(32, gt=0)
     qformer: dict[str, Any] = Field(default_factory=dict)
-    mode: Literal["frozen", "full"] = "full"
+    mode: Literal["frozen", "full", "projection"] = Field(
+        "full", description="projection: only the final projection into the LLM trains (MiniGPT4Qwen)")
     lr: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _path_needs_qformer(self) -> ConnectorSettings:
+        if self.path is not None and self.type != "qformer":
+            raise ValueError("path loads a BLIP-2 Q-Former; set type: qformer (linear/mlp start from random init)")
+        return self
 
 
 class LLMSettings(_Strict):
@@ -98,11 +106,78 @@ class ModelSettings(_Strict):
         return self
 
 
-class DataSettings(_Strict):
-    train: str
+DataFormat = Literal["messages", "llava", "sharegpt", "coco", "csv", "tsv", "webdataset"]
+
+
+def _local_path(value: str | None) -> str | None:
+    """Absolute path for local files (so a run directory is self-contained); URLs stay as they are."""
+    if value is None or "://" in value or value.startswith("pipe:"):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+class ReaderOptions(_Strict):
+    """How records of a file become chats; set on ``data`` (for every dataset) or per dataset."""
+
+    image_root: str | None = Field(None, description="image paths are relative to this (default: the data file's directory)")
+    caption_prompts: list[str] | None = Field(
+        None, description="coco/csv/tsv/webdataset captions: user prompts, one picked per record by a hash of "
+        "its id; '<image>' marks where the image goes (prepended when absent)")
+    image_column: str = Field("image", description="csv/tsv: column with the image path (or a JSON list of paths)")
+    text_column: str = Field("text", description="csv/tsv: column with the target text (the assistant reply)")
+    prompt_column: str | None = Field(None, description="csv/tsv: column with the user prompt; default: caption_prompts")
+
+    @field_validator("image_root")
+    @classmethod
+    def _absolute_root(cls, value: str | None) -> str | None:
+        return _local_path(value)
+
+    @field_validator("caption_prompts")
+    @classmethod
+    def _some_prompts(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one prompt, or leave caption_prompts unset for the defaults")
+        return value
+
+
+class DatasetSpec(ReaderOptions):
+    """One member of a training mixture; reader options left unset are taken from ``data``."""
+
+    path: str = Field(description="data file, or webdataset shards (brace pattern, e.g. shards/{000..099}.tar)")
+    format: DataFormat = "messages"
+    weight: float = Field(1.0, gt=0, description="relative sampling probability in the mixture")
+    name: str | None = Field(None, description="label in logs and reports; default: the file name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, raw: Any) -> Any:
+        # list items lose the nearest-key hint of the generic error path; give it here
+        unknown = sorted(set(raw) - set(cls.model_fields)) if isinstance(raw, dict) else []
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], list(cls.model_fields), n=1, cutoff=0.5)
+            hint = f" (did you mean {near[0]}?)" if near else f" (known: {', '.join(cls.model_fields)})"
+            raise ValueError(f"unknown key '{unknown[0]}' in a dataset entry{hint}")
+        return raw
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        return _local_path(value)
+
+    @property
+    def label(self) -> str:
+        return self.name or os.path.basename(self.path)
+
+
+class DataSettings(ReaderOptions):
+    """Training data: ``train`` (one file) or ``datasets`` (a weighted mixture, each entry may override the
+    reader options given here), ``val`` (read with ``format`` and the options here), and how samples
+    become batches (``max_length``, ``packing``, ``balance``, the prepared ``cache_dir``)."""
+
+    train: str | None = Field(None, description="one training file (shorthand for a one-entry data.datasets)")
     val: str | None = None
-    image_root: str | None = None
-    format: Literal["messages"] = "messages"
+    datasets: list[DatasetSpec] = Field(default_factory=list, description="training mixture with weights")
+    format: DataFormat = Field("messages", description="format of data.train and data.val")
     max_length: int = Field(2048, gt=0)
     max_pixels: int = Field(1024 * 1024, gt=0)
     too_long: Literal["drop", "error"] = Field(
@@ -112,6 +187,45 @@ class DataSettings(_Strict):
     system_prompt: str | None = None
     num_workers: int = Field(2, ge=0)
     shuffle: bool = True
+    packing: bool = Field(False, description="pack several samples per row up to max_length, kept apart by "
+                          "position ids restarting at 0 (block-diagonal causal attention)")
+    balance: bool = Field(False, description="spread each step's samples over ranks by cost "
+                          "(text + image tokens) so no rank waits for a heavy one")
+    cache_dir: str | None = Field(None, description="pre-tokenized train set written by `zerovl data prepare`; "
+                                  "used when its fingerprint matches, refused when stale")
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute_cache(cls, value: str | None) -> str | None:
+        return _local_path(value)
+
+    @model_validator(mode="after")
+    def _one_train_source(self) -> DataSettings:
+        if (self.train is None) == (not self.datasets):
+            raise ValueError("give data.train (one dataset) or data.datasets (a weighted mixture), exactly one")
+        streamed = [d for d in self.train_datasets() if d.format == "webdataset"]
+        if streamed and len(self.train_datasets()) > 1:
+            raise ValueError("a webdataset source is streamed and cannot be mixed with other datasets; list all "
+                             "its shards in one path (e.g. shards/{000..099}.tar)")
+        if streamed and (self.packing or self.balance or self.cache_dir):
+            raise ValueError("data.packing, data.balance and data.cache_dir need a map-style format; webdataset "
+                             "shards are streamed and tokenized on the fly")
+        return self
+
+    def _resolved(self, spec: DatasetSpec) -> DatasetSpec:
+        inherited = {k: getattr(self, k) for k in ReaderOptions.model_fields if k not in spec.model_fields_set}
+        return spec.model_copy(update=inherited)
+
+    def train_datasets(self) -> list[DatasetSpec]:
+        """The training sources with every reader option filled in (``data.train`` as a one-entry mixture)."""
+        if self.train is not None:
+            return [self.val_dataset(self.train)]
+        return [self._resolved(spec) for spec in self.datasets]
+
+    def val_dataset(self, path: str) -> DatasetSpec:
+        """A single file read with the data-level format and reader options."""
+        options = {k: getattr(self, k) for k in ReaderOptions.model_fields}
+        return DatasetSpec(path=path, format=self.format, **options)
 
 
 class TrainSettings(_Strict):
@@ -138,6 +252,8 @@ class TrainSettings(_Strict):
     resume: str = Field("auto", description="auto | none | path to a checkpoint directory")
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0)
+    tensorboard: bool = False
+    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU when not auto-detected")
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainSettings:
@@ -173,6 +289,7 @@ class Config(_Strict):
 # Fields holding filesystem paths; made absolute at load time so a run directory is self-contained.
 _PATH_FIELDS = (
     ("model", "vision", "path"),
+    ("model", "connector", "path"),
     ("model", "llm", "path"),
     ("model", "tokenizer"),
     ("data", "train"),
@@ -241,6 +358,9 @@ def _format_error(err: dict[str, Any]) -> str:
     key_parts = []
     model: Any = Config
     for part in loc:
+        if part.isdigit() and key_parts:  # an index into a list of sections, e.g. data.datasets.0.weight
+            key_parts.append(part)
+            continue
         fields = getattr(model, "model_fields", None)
         if fields is None:
             if part.isdigit() or not key_parts:

@@ -45,41 +45,52 @@ class Shape:
         return f"{self.colour} {self.shape}"
 
 
-def random_scene(rng: random.Random) -> list[Shape]:
+def random_scene(rng: random.Random, rows: int = 3) -> list[Shape]:
     k = rng.randint(1, 3)
     colours = rng.sample(sorted(COLOURS), k)
     shapes = rng.sample(SHAPES, k)
     slots = sorted(rng.sample(range(3), k))
-    return [Shape(c, s, p, rng.randrange(3)) for c, s, p in zip(colours, shapes, slots)]
+    return [Shape(c, s, p, 1 if rows == 1 else rng.randrange(3)) for c, s, p in zip(colours, shapes, slots)]
 
 
-def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float = 1.0) -> Image.Image:
+def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float = 1.0,
+               radius: float = 0.34, outline: int = 0, tile: bool = False) -> Image.Image:
     shade = rng.randint(225, 255)
     image = Image.new("RGB", (size, size), (shade, shade, shade))
     draw = ImageDraw.Draw(image)
     cell = size / 3
     for obj in scene:
         # one object per cell of a 3x3 grid, jittered a little, never crossing its cell
-        r = (0.34 + rng.uniform(-0.06, 0.06) * jitter) * cell
+        r = (radius + rng.uniform(-0.06, 0.06) * jitter) * cell
         cx = (obj.slot + 0.5 + rng.uniform(-0.08, 0.08) * jitter) * cell
         cy = (obj.row + 0.5 + rng.uniform(-0.08, 0.08) * jitter) * cell
-        colour = COLOURS[obj.colour]
+        if tile:  # a light tile of the object's colour behind it
+            tint = tuple((c + shade) // 2 for c in COLOURS[obj.colour])
+            x0, y0 = obj.slot * cell, obj.row * cell
+            draw.rectangle([x0 + 1, y0 + 1, x0 + cell - 2, y0 + cell - 2], fill=tint)
+        style = {"fill": COLOURS[obj.colour], "outline": (0, 0, 0) if outline else None, "width": outline}
         if obj.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], **style)
         elif obj.shape == "square":
-            draw.rectangle([cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9], fill=colour)
+            draw.rectangle([cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9], **style)
         else:
             draw.polygon([(cx, cy - r), (cx - r * math.sqrt(3) / 2 * 1.1, cy + r * 0.6),
-                          (cx + r * math.sqrt(3) / 2 * 1.1, cy + r * 0.6)], fill=colour)
+                          (cx + r * math.sqrt(3) / 2 * 1.1, cy + r * 0.6)], **style)
     return image
 
 
 def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
     """(type, question, answer) triples, one per question type that the scene allows."""
     obj, other = rng.choice(scene), rng.choice(scene)
+    # each attribute is asked about by position and by the other attribute, so colour and shape
+    # words appear both in questions and in answers
+    colour_q = (f"what colour is the shape {WHERE[obj.slot]} ?" if rng.random() < 0.5
+                else f"what colour is the {obj.shape} ?")
+    shape_q = (f"what shape is {WHERE[other.slot]} ?" if rng.random() < 0.5
+               else f"what shape is the {other.colour} one ?")
     qa = [
-        ("colour", f"what colour is the shape {WHERE[obj.slot]} ?", obj.colour),
-        ("shape", f"what shape is {WHERE[other.slot]} ?", other.shape),
+        ("colour", colour_q, obj.colour),
+        ("shape", shape_q, other.shape),
         ("count", "how many shapes are there ?", NUMBERS[len(scene)]),
     ]
     if len(scene) >= 2:
@@ -116,7 +127,8 @@ def text_only_record(rng: random.Random) -> dict:
 
 
 def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: int = 150,
-             image_size: int = 48, seed: int = 0, jitter: float = 1.0) -> dict[str, Path]:
+             image_size: int = 48, seed: int = 0, jitter: float = 1.0, rows: int = 3,
+             radius: float = 0.34, outline: int = 0, tile: bool = False) -> dict[str, Path]:
     """Write images, ``train.jsonl``, ``val.jsonl`` and ``tokenizer/`` under ``out_dir``."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -124,9 +136,9 @@ def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: 
     splits = {"train": [], "val": []}
     for split, count in (("train", num_train_images), ("val", num_val_images)):
         for i in range(count):
-            scene = random_scene(rng)
+            scene = random_scene(rng, rows)
             rel = f"images/{split}_{i:05d}.png"
-            draw_scene(scene, image_size, rng, jitter).save(out / rel)
+            draw_scene(scene, image_size, rng, jitter, radius, outline, tile).save(out / rel)
             # val keeps one question per line so exact-match accuracy is per question
             splits[split] += make_records(scene, rel, rng, multi_turn=split == "train" and rng.random() < 0.5)
             if split == "train" and rng.random() < 0.05:

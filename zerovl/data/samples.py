@@ -1,8 +1,8 @@
 """The one in-memory sample every reader produces, and the messages-JSONL reader.
 
 A :class:`Sample` is a chat (``messages``) plus absolute image paths. Each sample keeps ``source``
-(``file:line``) so any later failure — a missing image, too many ``<image>`` tags — can name the exact
-line to fix.
+(``file:line``, or ``shard:key`` for tar shards) so any later failure — a missing image, too many
+``<image>`` tags — can name the exact record to fix. Other formats live in :mod:`zerovl.data.readers`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,15 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class RecordError(DataError):
+    """A record that cannot become a training sample; ``kind`` groups them in reports
+    (``bad_record``: unreadable or malformed, ``tag_mismatch``: ``<image>`` tags != images)."""
+
+    def __init__(self, message: str, kind: str = "bad_record"):
+        super().__init__(message)
+        self.kind = kind
+
+
 def count_image_tags(messages: list[dict[str, str]]) -> int:
     return sum(m["content"].count(IMAGE_TAG) for m in messages)
 
@@ -37,20 +46,45 @@ def count_image_tags(messages: list[dict[str, str]]) -> int:
 def validate_sample(sample: Sample) -> None:
     """Raise DataError for structural problems that no amount of training can fix."""
     if not sample.messages:
-        raise DataError(f"{sample.source}: 'messages' is empty")
+        raise RecordError(f"{sample.source}: 'messages' is empty")
     for i, m in enumerate(sample.messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(
+            raise RecordError(
                 f"{sample.source}: messages[{i}] must be {{'role': system|user|assistant, 'content': str}}"
             )
     if not any(m["role"] == "assistant" for m in sample.messages):
-        raise DataError(f"{sample.source}: no assistant message, so nothing to learn from")
+        raise RecordError(f"{sample.source}: no assistant message, so nothing to learn from")
     tags = count_image_tags(sample.messages)
     if tags != len(sample.images):
-        raise DataError(
+        raise RecordError(
             f"{sample.source}: {tags} {IMAGE_TAG} tag(s) in the text but {len(sample.images)} image(s); "
-            f"put one {IMAGE_TAG} where each image belongs"
+            f"put one {IMAGE_TAG} where each image belongs", kind="tag_mismatch"
         )
+
+
+def resolve_image_paths(images: Any, root: str, source: str) -> list[str]:
+    """A record's image field (one path or a list) as absolute paths under ``root``."""
+    if images is None:
+        return []
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise RecordError(f"{source}: images must be a path or a list of paths, got {images!r:.80}")
+    return [p if os.path.isabs(p) else os.path.join(root, p) for p in images]
+
+
+def sample_from_messages(record: Any, root: str, source: str) -> Sample:
+    """``{"messages": [...], "images": [...]}`` -> validated Sample (other keys go to ``meta``)."""
+    if not isinstance(record, dict) or "messages" not in record:
+        raise RecordError(f"{source}: expected an object with a 'messages' list")
+    sample = Sample(
+        messages=record["messages"],
+        images=resolve_image_paths(record.get("images"), root, source),
+        source=source,
+        meta={k: v for k, v in record.items() if k not in ("messages", "images")},
+    )
+    validate_sample(sample)
+    return sample
 
 
 def read_messages_jsonl(
@@ -69,19 +103,7 @@ def read_messages_jsonl(
                 continue
             source = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "messages" not in record:
-                    raise DataError(f"{source}: expected an object with a 'messages' list")
-                images = record.get("images") or []
-                if isinstance(images, str):
-                    images = [images]
-                sample = Sample(
-                    messages=record["messages"],
-                    images=[p if os.path.isabs(p) else os.path.join(root, p) for p in images],
-                    source=source,
-                    meta={k: v for k, v in record.items() if k not in ("messages", "images")},
-                )
-                validate_sample(sample)
+                sample = sample_from_messages(json.loads(line), root, source)
             except (json.JSONDecodeError, DataError, TypeError) as e:
                 err = e if isinstance(e, DataError) else DataError(f"{source}: not valid JSON ({e})")
                 if not skip_bad:

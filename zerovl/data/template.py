@@ -77,7 +77,7 @@ class ChatTemplate:
             if m["role"] != "assistant":
                 continue
             before = self.render(msgs[:i], add_generation_prompt=True)
-            through = self.render(msgs[: i + 1])
+            through = full if i == len(msgs) - 1 else self.render(msgs[: i + 1])  # same text, one render less
             if full.startswith(before) and full.startswith(through) and len(through) > len(before):
                 spans.append((len(before), len(through)))
                 cursor = len(through)

@@ -9,26 +9,45 @@ from typing import Any
 
 from tqdm import tqdm
 
+from zerovl.errors import ConfigError
+
 
 class MetricsLog:
     """Appends one JSON object per optimizer step (and per eval) to ``<output_dir>/metrics.jsonl``.
     Only rank 0 writes; other ranks get a no-op."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._file = open(self.path, "a") if enabled else None
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.tensorboard=true needs TensorBoard: pip install 'zerovl[tensorboard]'") from None
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
         self._file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
         self._file.flush()
+        if self._tb is not None and "step" in record:
+            split = record.get("split", record.get("event", "misc"))
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(f"{split}/{key}", value, record["step"])
+                elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                    self._tb.add_scalar(f"{split}/{key}_max", max(value), record["step"])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:

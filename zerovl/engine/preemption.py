@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import signal
 
-import torch
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -31,11 +29,8 @@ class GracefulStop:
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
 
-    def requested(self, device: torch.device) -> bool:
-        """True on every rank if any rank received a stop signal (one small all-reduce)."""
-        import deepspeed.comm as dist
-
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    @property
+    def flag(self) -> float:
+        """1.0 once a signal arrived; the loop sums it over ranks with its per-step all-reduce, so all
+        ranks see any rank's signal at the same step without an extra collective."""
+        return 1.0 if self.received else 0.0

@@ -13,9 +13,10 @@ from torch import nn
 
 from zerovl.config import LoraSettings, ModelSettings
 from zerovl.errors import ConfigError
-from zerovl.models.connectors import build_connector
+from zerovl.models.connectors import build_connector, projection
 from zerovl.models.vision import ImageProcessor, build_vision
 from zerovl.models.vlm import ComposedVLM
+from zerovl.models.weights import to_dtype
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,25 @@ def load_tokenizer(settings: ModelSettings):
     return tokenizer
 
 
+def import_model_classes(settings: ModelSettings) -> None:
+    """Import the modeling modules a config needs. deepspeed.zero.Init patches tensor construction,
+    and importing a transformers modeling module inside it fails; so ZeRO-3 builds call this first."""
+    from transformers import AutoConfig, Blip2QFormerModel  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    llm = settings.llm
+    if llm.path is not None:
+        config = AutoConfig.from_pretrained(llm.path)
+    else:
+        inline = dict(llm.config)
+        config = AutoConfig.for_model(inline.pop("model_type"), **inline)
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if settings.vision is not None:
+        from zerovl.models.vision import tower_classes, vision_config_from
+
+        tower_classes(vision_config_from(settings.vision.path, settings.vision.config).model_type)
+
+
 def build_llm(settings, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -71,7 +91,7 @@ def build_llm(settings, dtype: torch.dtype) -> nn.Module:
     if model_type is None:
         raise ConfigError("model.llm.config needs a model_type, e.g. qwen2")
     cfg = AutoConfig.for_model(model_type, **inline)
-    return AutoModelForCausalLM.from_config(cfg).to(dtype)
+    return to_dtype(AutoModelForCausalLM.from_config(cfg, dtype=dtype), dtype)
 
 
 def build_model(settings: ModelSettings, precision: str = "fp32") -> BuiltModel:
@@ -83,15 +103,16 @@ def build_model(settings: ModelSettings, precision: str = "fp32") -> BuiltModel:
     vision = connector = processor = None
     if settings.vision is not None:
         vision, processor = build_vision(settings.vision, settings.connector.type, dtype)
-        connector = build_connector(
+        connector = to_dtype(build_connector(
             settings.connector, vision.hidden_size, llm.get_input_embeddings().embedding_dim, vision.num_tokens
-        ).to(dtype)
+        ), dtype)
     model = ComposedVLM(
         llm=llm,
         image_token_id=tokenizer.convert_tokens_to_ids(settings.image_token),
         vision=vision,
         connector=connector,
         vision_trainable=settings.vision is not None and settings.vision.mode != "frozen",
+        connector_trainable=settings.connector.mode != "frozen",
     )
     apply_training_modes(model, settings)
     return BuiltModel(model, tokenizer, processor, model.tokens_per_image)
@@ -130,6 +151,8 @@ def apply_training_modes(model: ComposedVLM, settings: ModelSettings) -> None:
         if vision.mode == "lora":
             model.vision.encoder = _lora(model.vision.encoder, vision.lora, causal_lm=False)
         model.connector.requires_grad_(settings.connector.mode == "full")
+        if settings.connector.mode == "projection":
+            projection(model.connector).requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("every part is frozen: set model.<part>.mode to full or lora for something to train")
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from zerovl.errors import ConfigError
+from zerovl.models.weights import to_dtype
 
 # vision config model_type -> (transformers model class, PIL image processor class)
 _TOWERS = {
@@ -19,7 +20,7 @@ _TOWERS = {
 }
 
 
-def _tower_classes(model_type: str) -> tuple[type, type]:
+def tower_classes(model_type: str) -> tuple[type, type]:
     import transformers
 
     if model_type not in _TOWERS:
@@ -39,7 +40,7 @@ def vision_config_from(path: str | None, inline: dict[str, Any] | None):
         model_type = inline.pop("model_type", None)
         if model_type is None:
             raise ConfigError("model.vision.config needs a model_type, e.g. siglip_vision_model")
-        _tower_classes(model_type)
+        tower_classes(model_type)
         return AutoConfig.for_model(model_type, **inline)
     if not os.path.isdir(path):
         raise ConfigError(f"model.vision.path {path} is not a directory")
@@ -47,8 +48,21 @@ def vision_config_from(path: str | None, inline: dict[str, Any] | None):
     return getattr(cfg, "vision_config", cfg)
 
 
+def _encoder_layers(encoder: nn.Module) -> nn.ModuleList:
+    for name, module in encoder.named_modules():
+        if name.endswith("encoder.layers") or name == "encoder.layers":
+            return module
+    raise ConfigError(f"cannot find the transformer layers of {encoder.__class__.__name__}")
+
+
 class VisionTower(nn.Module):
-    """Wraps an HF vision encoder and returns the feature map the connector consumes."""
+    """Wraps an HF vision encoder and returns the feature map the connector consumes.
+
+    ``feature_layer`` = -1 takes the last hidden state (with the tower's final norm where it has one);
+    -2 is LLaVA's penultimate layer, and so on. Layers after the chosen one are removed at build time,
+    so they cost neither compute nor memory, and parameters they held can never sit without gradients
+    in a trained tower. SigLIP's attention-pooling head is removed for the same reason.
+    """
 
     def __init__(self, encoder: nn.Module, feature_layer: int = -1, drop_cls: bool = False):
         super().__init__()
@@ -56,6 +70,17 @@ class VisionTower(nn.Module):
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls
         cfg = encoder.config
+        if feature_layer != -1:
+            layers = _encoder_layers(encoder)
+            keep = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
+            if not 0 <= keep <= len(layers):
+                raise ConfigError(f"model.vision.feature_layer={feature_layer} is outside 0..{len(layers)} "
+                                  f"(or -1..-{len(layers) + 1}) for this {len(layers)}-layer tower")
+            del layers[keep:]
+            cfg.num_hidden_layers = keep
+        tower = getattr(encoder, "vision_model", None)
+        if getattr(tower, "use_head", False):
+            tower.use_head, tower.head, cfg.vision_use_head = False, None, False
         self.hidden_size = cfg.hidden_size
         self.image_size = cfg.image_size
         self.has_cls = hasattr(getattr(encoder, "embeddings", None), "class_embedding") or hasattr(
@@ -73,9 +98,8 @@ class VisionTower(nn.Module):
         pixel_values = pixel_values.to(self.dtype)
         if self.feature_layer == -1:
             features = self.encoder(pixel_values=pixel_values).last_hidden_state
-        else:
-            out = self.encoder(pixel_values=pixel_values, output_hidden_states=True)
-            features = out.hidden_states[self.feature_layer]
+        else:  # the tower was cut after the chosen layer: its output, before any final norm
+            features = self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
         return features[:, 1:] if self.drop_cls else features
 
 
@@ -91,7 +115,7 @@ class ImageProcessor:
 
 def build_vision(settings, connector_type: str, dtype: torch.dtype) -> tuple[VisionTower, ImageProcessor]:
     vcfg = vision_config_from(settings.path, settings.config)
-    model_cls, proc_cls = _tower_classes(vcfg.model_type)
+    model_cls, proc_cls = tower_classes(vcfg.model_type)
     if settings.path is not None:
         encoder = _load_encoder(model_cls, settings.path, vcfg, dtype)
         from transformers import AutoImageProcessor
@@ -101,7 +125,7 @@ def build_vision(settings, connector_type: str, dtype: torch.dtype) -> tuple[Vis
         except OSError:
             processor = proc_cls(**_default_processor_kwargs(vcfg, settings.image_processor))
     else:
-        encoder = model_cls(vcfg).to(dtype)
+        encoder = to_dtype(model_cls._from_config(vcfg, dtype=dtype), dtype)
         processor = proc_cls(**_default_processor_kwargs(vcfg, settings.image_processor))
     drop_cls = settings.drop_cls
     if drop_cls == "auto":  # LLaVA drops CLS before a linear/MLP projector; a Q-Former attends to it
@@ -127,15 +151,8 @@ def _load_encoder(model_cls: type, path: str, vcfg, dtype: torch.dtype) -> nn.Mo
 
 
 def _load_prefixed(model_cls: type, path: str, cfg, prefix: str, dtype: torch.dtype) -> nn.Module:
-    from zerovl.models.weights import load_prefixed_state_dict
+    from zerovl.models.weights import load_into, load_prefixed_state_dict
 
-    module = model_cls(cfg)
-    state = load_prefixed_state_dict(path, prefix)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "position_ids" not in k]
-    if missing or unexpected:
-        raise ConfigError(
-            f"{path}: weights under '{prefix}' do not fit {model_cls.__name__} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return module.to(dtype)
+    module = to_dtype(model_cls._from_config(cfg, dtype=dtype), dtype)
+    load_into(module, load_prefixed_state_dict(path, prefix), f"{path} ({prefix}*)")
+    return module

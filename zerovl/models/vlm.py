@@ -18,13 +18,15 @@ from zerovl.errors import DataError
 
 class ComposedVLM(nn.Module):
     def __init__(self, llm: nn.Module, image_token_id: int, vision: nn.Module | None = None,
-                 connector: nn.Module | None = None, vision_trainable: bool = False):
+                 connector: nn.Module | None = None, vision_trainable: bool = False,
+                 connector_trainable: bool = True):
         super().__init__()
         self.vision = vision
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
         self.vision_trainable = vision_trainable
+        self.connector_trainable = connector_trainable
 
     @property
     def tokens_per_image(self) -> int:
@@ -34,7 +36,8 @@ class ComposedVLM(nn.Module):
         """(N, C, H, W) -> (N, tokens_per_image, llm_hidden). A frozen tower keeps no activations."""
         with contextlib.nullcontext() if self.vision_trainable else torch.no_grad():
             features = self.vision(pixel_values)
-        return self.connector(features)
+        with contextlib.nullcontext() if self.vision_trainable or self.connector_trainable else torch.no_grad():
+            return self.connector(features)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.llm.get_input_embeddings()(input_ids)
@@ -58,9 +61,16 @@ class ComposedVLM(nn.Module):
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None):
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
         embeds = self.embed(input_ids, pixel_values)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if position_ids is not None:
+            # packed rows (data.packing): transformers builds block-diagonal causal attention from position
+            # ids that restart at 0 per sample, but only without a 2D mask; row-end padding is one more
+            # block with no labels, so it changes nothing
+            attention_mask = None
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       labels=labels, use_cache=False)
         return out.loss if labels is not None else out.logits
 
     @torch.no_grad()

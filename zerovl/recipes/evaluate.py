@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from zerovl.data.collate import META_KEYS
 from zerovl.data.dataset import ChatDataset
 from zerovl.data.sampler import ResumableBatchSampler
 from zerovl.data.template import ChatTemplate
@@ -31,8 +32,7 @@ def val_loss(engine, dataset: ChatDataset, collate, dist: DistInfo, batch_size: 
     total = count = 0.0
     for indices in _rank_indices(len(dataset), dist, batch_size):
         batch = collate([dataset[i] for i in indices])
-        batch.pop("num_skipped")
-        batch = {k: v.to(dist.device) for k, v in batch.items()}
+        batch = {k: v.to(dist.device) for k, v in batch.items() if k not in META_KEYS}
         n = float((batch["labels"][:, 1:] != -100).sum())
         total += float(engine(**batch)) * n
         count += n

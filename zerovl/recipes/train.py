@@ -7,6 +7,7 @@ final checkpoints and evaluation. Everything DeepSpeed-specific lives in ``zerov
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -17,22 +18,29 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from zerovl import __version__
 from zerovl.config import Config, save_config
 from zerovl.data.collate import META_KEYS, pad_collate
 from zerovl.data.dataset import build_dataset
-from zerovl.data.loader import BatchStream
-from zerovl.data.sampler import ResumableBatchSampler
+from zerovl.data.pipeline import build_train_data
 from zerovl.data.template import ChatTemplate
 from zerovl.engine import checkpoint
-from zerovl.engine.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
+from zerovl.engine.distributed import DistInfo, all_gather_floats, all_reduce_sum, init_distributed, shutdown
 from zerovl.engine.ds_config import build_ds_config, zero_stage
 from zerovl.engine.metrics import MetricsLog, progress_bar
 from zerovl.engine.optim import param_groups
 from zerovl.engine.preemption import GracefulStop
 from zerovl.engine.schedule import lr_factor, set_lr
-from zerovl.models.builder import build_model, model_parts
+from zerovl.engine.telemetry import (
+    FlopCounter,
+    StepTimer,
+    full_numel,
+    optimizer_state_bytes,
+    peak_memory_bytes,
+)
+from zerovl.models.builder import DTYPES, build_model, import_model_classes, model_parts
 from zerovl.recipes.evaluate import evaluate
 
 log = logging.getLogger("zerovl.train")
@@ -50,6 +58,32 @@ def library_versions() -> dict[str, str]:
 
     return {"zerovl": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__}
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: dict[str, Any], precision: str):
+    """Under ZeRO-3, build the model inside deepspeed.zero.Init (parameters are partitioned as they are
+    created) and let transformers' from_pretrained/from_config do the same via HfDeepSpeedConfig, so a
+    model larger than one rank's memory never exists whole on any rank."""
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=DTYPES[precision]):
+        yield
+    del hf_ds_config
+
+
+def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of parameters held by this rank, bytes of the whole model)."""
+    local = total = 0
+    for p in model.parameters():
+        local += (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * p.element_size()
+        total += full_numel(p) * p.element_size()
+    return local, total
 
 
 def part_learning_rates(cfg: Config) -> dict[str, float]:
@@ -72,15 +106,18 @@ def train(cfg: Config) -> dict[str, Any]:
         save_config(cfg, out / "config.yaml")
     set_seed(cfg.train.seed)
 
-    built = build_model(cfg.model, cfg.train.precision)
+    import_model_classes(cfg.model)
+    with zero3_construction(ds_config, cfg.train.precision):  # ZeRO-3: no rank ever holds the whole model
+        built = build_model(cfg.model, cfg.train.precision)
+    param_bytes = parameter_bytes(built.model)
     template = ChatTemplate(built.tokenizer, cfg.model.image_token, built.tokens_per_image, cfg.data.system_prompt)
-    train_set = build_dataset(cfg.data.train, cfg.data, template, built.image_processor, "data.train")
     val_set = (build_dataset(cfg.data.val, cfg.data, template, built.image_processor, "data.val")
                if cfg.data.val else None)
     collate = partial(pad_collate, pad_token_id=built.tokenizer.pad_token_id)
-    sampler = ResumableBatchSampler(len(train_set), cfg.train.micro_batch_size, dist.rank, dist.world_size,
-                                    cfg.data.shuffle, cfg.train.seed)
-    stream = BatchStream(train_set, sampler, collate, cfg.data.num_workers)
+    train_data = build_train_data(cfg.data, template, built.image_processor, collate, cfg.train.micro_batch_size,
+                                  cfg.train.gradient_accumulation_steps, dist.rank, dist.world_size, cfg.train.seed,
+                                  tokenizer_dir=cfg.model.tokenizer or cfg.model.llm.path)
+    train_set, sampler, stream = train_data.dataset, train_data.sampler, train_data.stream
 
     accum = cfg.train.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(stream.batches_per_epoch / accum))
@@ -88,9 +125,10 @@ def train(cfg: Config) -> dict[str, Any]:
     min_ratio = cfg.train.min_lr / cfg.train.lr
 
     groups = param_groups(model_parts(built.model), part_learning_rates(cfg), cfg.train.weight_decay)
-    trainable = sum(p.numel() for g in groups for p in g["params"])
-    total = sum(p.numel() for p in built.model.parameters())
+    trainable = sum(full_numel(p) for g in groups for p in g["params"])
+    total = sum(full_numel(p) for p in built.model.parameters())
     engine, optimizer, _, _ = deepspeed.initialize(model=built.model, model_parameters=groups, config=ds_config)
+    loaded = all_gather_floats([float(param_bytes[0])], dist.device)
     if dist.is_main:
         log.info("model: %.2fM parameters, %.2fM trainable; %d train samples (%d per epoch per rank in %d "
                  "micro-batches); %d optimizer steps; ZeRO-%d, %s, world %d", total / 1e6, trainable / 1e6,
@@ -132,46 +170,73 @@ def train(cfg: Config) -> dict[str, Any]:
         return result
 
     # ---- loop --------------------------------------------------------------------------------
-    metrics = MetricsLog(out, dist.is_main)
+    metrics = MetricsLog(out, dist.is_main, tensorboard=cfg.train.tensorboard)
+    metrics.write({"event": "model_loaded", "step": step, "param_bytes_total": param_bytes[1],
+                   "param_bytes_per_rank": [int(x[0]) for x in loaded]})
     bar = progress_bar(total_steps, step, dist.is_main)
+    timer = StepTimer(dist.device)
+    flops = FlopCounter(built.model, cfg.train.peak_tflops, dist.device, dist.world_size)
     engine.train()
     skipped = 0
+    memory_warned = False
     last_saved = step if resume_from is not None else -1
     stop_at = min(total_steps, cfg.train.stop_after_steps or total_steps)
     stop_signal = GracefulStop().install()
-    while step < stop_at:
-        lr = set_lr(optimizer, lr_factor(step, total_steps, cfg.train.warmup_steps, cfg.train.schedule, min_ratio))
-        started = time.perf_counter()
-        loss_sum = samples = tokens = 0.0
-        for _ in range(accum):  # DeepSpeed applies the optimizer at the accumulation boundary
-            batch = stream.next()
-            skipped += int(batch.pop("num_skipped"))
-            batch = {k: v.to(dist.device) for k, v in batch.items() if k not in META_KEYS}
-            loss = engine(**batch)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item()
-            samples += batch["input_ids"].shape[0]
-            tokens += batch["attention_mask"].sum().item()
-        step += 1
-        loss_sum, samples, tokens = all_reduce_sum([loss_sum, samples, tokens], dist.device)
-        elapsed = time.perf_counter() - started
-        grad_norm = engine.get_global_grad_norm()
-        record = {"split": "train", "step": step, "epoch": stream.epoch, "consumed": stream.consumed, "loss": loss_sum / (accum * dist.world_size), "lr": lr,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped_samples": skipped}
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            metrics.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}",
-                        refresh=False)
-        if cfg.train.save_every and step % cfg.train.save_every == 0:
-            save(step)
-            last_saved = step
-        if stop_signal.requested(dist.device):
-            break
-        if cfg.train.eval_every and val_set is not None and step % cfg.train.eval_every == 0 and step < total_steps:
-            run_eval(step)
+    with logging_redirect_tqdm(loggers=[logging.getLogger("zerovl")]):  # log lines above the bar
+        while step < stop_at:
+            lr = set_lr(optimizer, lr_factor(step, total_steps, cfg.train.warmup_steps, cfg.train.schedule, min_ratio))
+            started = time.perf_counter()
+            timer.reset()
+            loss_sum = samples = tokens = images = 0.0
+            for _ in range(accum):  # DeepSpeed applies the optimizer at the accumulation boundary
+                with timer.phase("data"):
+                    batch = stream.next()
+                    skipped += int(batch["num_skipped"])
+                    samples += int(batch["num_samples"])
+                    batch = {k: v.to(dist.device) for k, v in batch.items() if k not in META_KEYS}
+                with timer.phase("forward"):
+                    loss = engine(**batch)
+                with timer.phase("backward"):
+                    engine.backward(loss)
+                with timer.phase("step"):
+                    engine.step()
+                loss_sum += loss.item()
+                tokens += batch["attention_mask"].sum().item()
+                images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
+            step += 1
+            # one collective per step carries the global figures and any rank's stop signal
+            loss_sum, samples, tokens, images, stop = all_reduce_sum(
+                [loss_sum, samples, tokens, images, stop_signal.flag], dist.device)
+            elapsed = time.perf_counter() - started
+            grad_norm = engine.get_global_grad_norm()
+            record = {"split": "train", "step": step, "epoch": stream.epoch, "consumed": stream.consumed,
+                      "loss": loss_sum / (accum * dist.world_size), "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped_samples": skipped,
+                      "data_wait_frac": timer.seconds["data"] / elapsed,
+                      **{f"time_{k}": v for k, v in timer.seconds.items()}, "time_total": elapsed,
+                      **flops.figures(tokens, images, elapsed)}
+            if step % cfg.train.log_every == 0 or step == stop_at:
+                per_rank = all_gather_floats([peak_memory_bytes(), optimizer_state_bytes(engine)], dist.device)
+                record["peak_mem_bytes"] = [int(r[0]) for r in per_rank]
+                record["optimizer_state_bytes"] = [int(r[1]) for r in per_rank]
+                peaks = record["peak_mem_bytes"]
+                if dist.is_main and not memory_warned and min(peaks) > 0 and max(peaks) > 1.3 * min(peaks):
+                    memory_warned = True
+                    log.warning("uneven memory: rank %d peaks at %.1f GiB, rank %d at %.1f GiB (>30%% apart)",
+                                peaks.index(max(peaks)), max(peaks) / 2**30, peaks.index(min(peaks)), min(peaks) / 2**30)
+                metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}",
+                            refresh=False)
+            if cfg.train.save_every and step % cfg.train.save_every == 0:
+                save(step)
+                last_saved = step
+            if stop:
+                stop_signal.received = stop_signal.received or "a stop signal on another rank"
+                break
+            if cfg.train.eval_every and val_set is not None and step % cfg.train.eval_every == 0 and step < total_steps:
+                run_eval(step)
     stop_signal.restore()
     bar.close()
 

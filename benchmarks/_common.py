@@ -1,0 +1,94 @@
+"""Shared by the benchmark scripts: demo data, the demo config, self-relaunch under torchrun, timing.
+
+Each script is run plainly (``python benchmarks/X.py``); it generates the demo scenes once, then
+relaunches itself on ``--nproc`` ranks with torchrun, and the ranks measure both contenders side by
+side in the same processes, alternating their order every round so drift on a shared machine
+affects both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def arguments(description: str, extra=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(p)
+    p.add_argument("--work", default="runs/bench_scripts", help="data, runs and results go here")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per measured run")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
+    p.add_argument("--rounds", type=int, default=3, help="alternating runs of each contender")
+    p.add_argument("--images", type=int, default=600, help="demo scenes to generate")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. deepspeed=zero3 train.micro_batch_size=8")
+    return p.parse_args()
+
+
+def is_rank() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def relaunch(script: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Generate the data (once), run this script on ``args.nproc`` ranks, return rank 0's results."""
+    from zerovl.data.demo_scenes import generate
+
+    work = Path(args.work).absolute()
+    data = work / "data"
+    if not (data / "train.jsonl").is_file():
+        generate(data, num_train_images=args.images, num_val_images=8)
+    result = work / "result.json"
+    result.unlink(missing_ok=True)
+    shutil.rmtree(work / "runs", ignore_errors=True)  # metrics.jsonl appends: every run starts fresh
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           script, *sys.argv[1:], "--work", str(work)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = subprocess.call(cmd, env=env)
+    if not result.is_file():
+        raise SystemExit(f"benchmark ranks failed (exit {code}) before writing {result}")
+    return {**json.loads(result.read_text()), "exit_code": code}
+
+
+def demo_config(work: Path, run_dir: Path, steps: int, overrides: list[str]):
+    """configs/demo.yaml on the generated data, no eval, no periodic checkpoints, fresh run dir."""
+    from zerovl.config import load_config
+
+    data = work / "data"
+    return load_config(DEMO_CONFIG, [
+        f"data.train={data / 'train.jsonl'}", "data.val=null", f"model.tokenizer={data / 'tokenizer'}",
+        f"train.output_dir={run_dir}", f"train.max_steps={steps}", "train.save_every=0", "train.eval_every=0",
+        "train.resume=none", "train.log_every=1", "train.warmup_steps=0", "eval.exact_match=false", *overrides])
+
+
+def per_step(stamps: list[tuple[int, float]], warmup: int) -> float:
+    """Median seconds per step from (step, wall-clock time at its end) pairs, warm-up steps left out;
+    pairs may skip steps (a run that logs every k steps). The median, not the mean: on a shared
+    machine other jobs add spikes to a few steps."""
+    timed = [(s, t) for s, t in stamps if s >= warmup]
+    if len(timed) < 3:
+        raise SystemExit(f"need at least 3 timestamps after step {warmup}, got {len(timed)}")
+    return statistics.median((t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(timed, timed[1:]))
+
+
+def summary(times: dict[str, list[float]], ours: str, theirs: str) -> dict[str, Any]:
+    """Per-round ratios ours/theirs and the ratio of medians."""
+    ratios = [a / b for a, b in zip(times[ours], times[theirs])]
+    return {"seconds_per_step": times, "ratios": ratios,
+            "ratio_of_medians": statistics.median(times[ours]) / statistics.median(times[theirs]),
+            "median_ratio": statistics.median(ratios)}
+
+
+def write_result(work: Path, result: dict[str, Any]) -> None:
+    (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")

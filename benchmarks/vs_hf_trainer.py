@@ -1,0 +1,165 @@
+"""zerovl against Hugging Face Trainer + DeepSpeed: same model, same DeepSpeed config, same batches.
+
+    python benchmarks/vs_hf_trainer.py [--steps 40 --rounds 3 --nproc 2] [overrides]
+
+Both train the demo model (configs/demo.yaml) built by ``zerovl.models.builder.build_model``. HF
+Trainer gets the DeepSpeed config zerovl resolves (``build_ds_config``: same ZeRO stage, optimizer,
+precision, clipping, batch sizes), matching TrainingArguments, a constant LR, no logging or saving,
+and zerovl's dataset and batch sampler (so both see the same batches in the same order). Its
+per-step time comes from a callback at the end of each optimizer step; zerovl's from its
+metrics.jsonl timestamps. Goal: zerovl faster (ratio < 1).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+from overhead_vs_plain_deepspeed import zerovl_train  # noqa: E402
+
+
+def hf_trainer(cfg, steps: int, run_dir: Path) -> tuple[list[tuple[int, float]], float | None]:
+    """Train with transformers.Trainer + DeepSpeed; (per-step timestamps, step-1 loss) on rank 0."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from zerovl.data.collate import META_KEYS, pad_collate
+    from zerovl.data.pipeline import build_train_data
+    from zerovl.data.template import ChatTemplate
+    from zerovl.engine.distributed import init_distributed
+    from zerovl.engine.ds_config import build_ds_config
+    from zerovl.models.builder import build_model
+    from zerovl.recipes.train import set_seed
+
+    dist = init_distributed()
+    set_seed(cfg.train.seed)
+    built = build_model(cfg.model, cfg.train.precision)
+    template = ChatTemplate(built.tokenizer, cfg.model.image_token, built.tokens_per_image, cfg.data.system_prompt)
+    pad = partial(pad_collate, pad_token_id=built.tokenizer.pad_token_id)
+
+    def collate(items):
+        return {k: v for k, v in pad(items).items() if k not in META_KEYS}
+
+    data = build_train_data(cfg.data, template, built.image_processor, pad, cfg.train.micro_batch_size,
+                            cfg.train.gradient_accumulation_steps, dist.rank, dist.world_size, cfg.train.seed,
+                            tokenizer_dir=cfg.model.tokenizer or cfg.model.llm.path)
+    resolved = cfg.model_copy(deep=True)
+    ds_config = build_ds_config(resolved, dist.world_size, dist.on_cpu)
+    t = resolved.train
+
+    class WithLossDict(nn.Module):
+        """Trainer reads outputs["loss"]; ComposedVLM returns the bare loss tensor. The explicit
+        signature (no **kwargs) tells Trainer the model does not take num_items_in_batch, so it scales
+        the mean loss for accumulation itself, as zerovl and DeepSpeed do."""
+
+        def __init__(self, vlm):
+            super().__init__()
+            self.vlm = vlm
+
+        def forward(self, input_ids, attention_mask, labels=None, pixel_values=None):
+            return {"loss": self.vlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                     pixel_values=pixel_values)}
+
+    class SameBatches(Trainer):
+        def get_train_dataloader(self):  # zerovl's sampler already shards by rank
+            if hasattr(data.sampler, "set_position"):
+                data.sampler.set_position(0, 0)
+            return DataLoader(data.dataset, batch_sampler=data.sampler, collate_fn=collate,
+                              num_workers=cfg.data.num_workers, prefetch_factor=4 if cfg.data.num_workers else None)
+
+    stamps: list[tuple[int, float]] = []
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append((state.global_step, time.perf_counter()))
+
+    class FirstLoss(SameBatches):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if len(losses) < t.gradient_accumulation_steps:
+                losses.append((out[0] if return_outputs else out).detach().float().item())
+            return out
+
+    args = TrainingArguments(
+        output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
+        adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_epsilon=t.eps, max_grad_norm=t.grad_clip,
+        lr_scheduler_type="constant", warmup_steps=0, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
+        logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=t.seed,
+        dataloader_num_workers=cfg.data.num_workers, remove_unused_columns=False, deepspeed=ds_config,
+        use_cpu=dist.on_cpu, ddp_backend="gloo" if dist.on_cpu else None)
+    trainer = FirstLoss(model=WithLossDict(built.model), args=args, train_dataset=data.dataset,
+                        callbacks=[Clock()])
+    trainer.train()
+    from zerovl.engine.distributed import all_reduce_sum
+
+    first = all_reduce_sum([sum(losses)], dist.device)[0] / (len(losses) * dist.world_size) if losses else None
+    del trainer
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return stamps, first
+
+
+def main() -> None:
+    args = _common.arguments(__doc__.splitlines()[0])
+    if not _common.is_rank():
+        result = _common.relaunch(__file__, args)
+        if "error" in result:
+            print(f"HF Trainer + DeepSpeed could not run: {result['error']}")
+            raise SystemExit(1)
+        times = result["seconds_per_step"]
+        for name in ("hf_trainer", "zerovl"):
+            print(f"{name:>10}: " + ", ".join(f"{t * 1000:.1f}" for t in times[name]) + " ms/step")
+        hf_loss, zerovl_loss = result["first_losses"]["hf_trainer"][0], result["first_losses"]["zerovl"][0]
+        if hf_loss is not None and zerovl_loss is not None:
+            print(f"step-1 loss (mean over ranks): HF Trainer {hf_loss:.6f}, zerovl {zerovl_loss:.6f}")
+        print(f"zerovl / HF Trainer per-round ratios: {', '.join(f'{r:.3f}' for r in result['ratios'])}")
+        print(f"zerovl / HF Trainer (ratio of medians): {result['ratio_of_medians']:.3f} "
+              f"({'zerovl faster' if result['ratio_of_medians'] < 1 else 'zerovl slower'}; goal < 1)")
+        return
+
+    import traceback
+
+    from zerovl.engine.distributed import init_distributed, shutdown
+    from zerovl.recipes import train as recipe
+
+    dist = init_distributed()
+    recipe.shutdown = lambda: None  # train() ends the process group; keep it for the next round
+    work = Path(args.work)
+    times: dict[str, list[float]] = {"hf_trainer": [], "zerovl": []}
+    first_losses: dict[str, list[float | None]] = {"hf_trainer": [], "zerovl": []}
+    for round_ in range(args.rounds):
+        order = ("hf_trainer", "zerovl") if round_ % 2 == 0 else ("zerovl", "hf_trainer")
+        for name in order:
+            run_dir = work / "runs" / f"{name}_{round_}"
+            cfg = _common.demo_config(work, run_dir, args.steps, args.overrides)
+            if name == "hf_trainer":
+                try:
+                    stamps, loss = hf_trainer(cfg, args.steps, run_dir)
+                except Exception as e:  # record why HF Trainer cannot run here, exactly
+                    if dist.is_main:
+                        traceback.print_exc()
+                        _common.write_result(work, {"error": f"{type(e).__name__}: {e}"})
+                    shutdown()
+                    return
+            else:
+                stamps, loss = zerovl_train(cfg, dist.is_main)
+            if dist.is_main:
+                times[name].append(_common.per_step(stamps, args.warmup))
+                first_losses[name].append(loss)
+                print(f"[round {round_}] {name}: {times[name][-1] * 1000:.1f} ms/step, step-1 loss {loss}", flush=True)
+    if dist.is_main:
+        _common.write_result(work, {**_common.summary(times, "zerovl", "hf_trainer"), "first_losses": first_losses,
+                                    "args": vars(args)})
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

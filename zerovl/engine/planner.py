@@ -1,0 +1,493 @@
+"""Know before you launch: the memory a config needs per GPU and per node under each ZeRO option.
+
+Everything here is arithmetic on parameter counts and layer shapes; no DeepSpeed engine is built and
+no weight is read. :func:`count_model` builds the composed model on PyTorch's ``meta`` device (shapes
+only, no storage) from the config files alone, so a 7B plan runs on a laptop.
+
+Model states, in bytes per parameter element (``p`` = 2 for bf16/fp16, 4 for fp32; ``N`` = GPUs in
+total; ``o`` = optimizer moments, 8 for Adam):
+
+* **ZeRO-0**: every rank holds working params ``p``, working grads ``p``, an fp32 master copy and
+  fp32 grads (4 + 4, only when ``p`` is 16-bit) and the moments ``o`` for every trainable element.
+* **ZeRO-1**: params and grads as ZeRO-0; fp32 master + fp32 grads + moments (``8 + o``) split ``/N``.
+* **ZeRO-2**: as ZeRO-1, and the working grads are split ``/N`` too.
+* **ZeRO-3**: params and grads split ``/N`` (frozen params too), plus the largest single module
+  gathered whole (its params and grads, ``2p``) while it runs.
+* **Offload**: optimizer offload moves the fp32 master, fp32 grads and moments to host RAM (and
+  with it the ZeRO-2/3 gradient partitions); param offload (ZeRO-3) moves the params' shards too.
+* Frozen parameters (frozen parts, the base weights under LoRA) only cost their working params.
+
+These are the byte counts of DeepSpeed's own estimators (``estimate_zero2/3_model_states_mem_needs``)
+with one deliberate difference: for ZeRO-3 without offload DeepSpeed's formula counts 18 bytes/N
+per parameter, while ``stage3.py`` keeps both a 16-bit parameter shard and a 16-bit gradient shard
+(``grad_partitions_flat_buffer``) next to the 16 bytes of fp32 state, so we count 20 bytes/N.
+
+Activations are a first-order count of what autograd keeps for backward, per transformer layer and
+per token (h = hidden, q/kv = query/key-value width, I = MLP width, V = vocabulary):
+
+* LLM layer: ``2 x (4h + p·h)`` for the two RMSNorms (their fp32 input and normalized output) plus
+  ``p x (2h + 2q + 2kv + 4I)`` for the inputs of the projections, q/k/v and the attention output
+  (fused SDPA/flash attention: no s x s matrix) and the gated MLP's four I-wide tensors (two for a
+  plain MLP). With gradient checkpointing a layer keeps only its input (``p·h``) and one layer is
+  recomputed at a time.
+* LLM head: the final norm (``4h + 2p·h``) and the loss: cross-entropy keeps fp32 log-probs
+  (``4·V``) and two more fp32 V-wide gradients are alive at the start of backward (``8·V``).
+* Vision layer (only when the tower trains): ``p x (8h + 2I)`` per patch token (LayerNorms, q/k/v,
+  attention output, GELU MLP), or ``p·h`` with checkpointing; plus the patch embedding's input.
+* Connector: its input and each hidden activation per image token.
+
+Not counted: LoRA dropout copies, attention implementations that materialise s x s, CUDA context
+and allocator fragmentation — the planner's margin (default 10 %) is there for those. The
+``buffers`` row is DeepSpeed's gradient-reduction and prefetch buckets at their default sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from zerovl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# bytes of optimizer state per trainable element (fp32 moments); DeepSpeed config optimizer names
+OPTIMIZER_STATE_BYTES = {"adam": 8, "adamw": 8, "fusedadam": 8, "cpuadam": 8, "lamb": 8, "adagrad": 4,
+                         "lion": 4, "muon": 4, "muadam": 8, "muadamw": 8, "musgd": 4}
+# DeepSpeed 0.19 defaults (runtime/zero/config.py), used for the buffers row
+REDUCE_BUCKET_SIZE = 500_000_000
+PREFETCH_BUCKET_SIZE = 50_000_000
+LOSS_SAVED_BYTES_PER_VOCAB = 4  # fp32 log-probs cross-entropy keeps for backward
+LOSS_BACKWARD_BYTES_PER_VOCAB = 8  # the two fp32 V-wide gradients alive at the start of backward
+_UNITS = {"": 2**30, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run: a ZeRO stage with or without CPU offload."""
+
+    name: str
+    stage: int
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    @property
+    def deepspeed(self) -> str | dict[str, Any]:
+        """The value of the config's ``deepspeed`` key that selects this option."""
+        from zerovl.config import PRESET_NAMES
+
+        if self.name in PRESET_NAMES:
+            return self.name
+        zero: dict[str, Any] = {"stage": self.stage}
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if self.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        return {"zero_optimization": zero}
+
+    @property
+    def override(self) -> str:
+        """A ``key=value`` override for the command line (JSON is valid YAML flow style)."""
+        value = self.deepspeed
+        return f"deepspeed={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}"
+
+
+# Fastest first: the recommendation is the first that fits. Offload costs PCIe traffic and CPU Adam
+# time every step, so every offload variant ranks after every GPU-only stage.
+OPTIONS: tuple[Option, ...] = (
+    Option("zero0", 0),
+    Option("zero1", 1),
+    Option("zero2", 2),
+    Option("zero3", 3),
+    Option("zero1_offload", 1, offload_optimizer=True),
+    Option("zero2_offload", 2, offload_optimizer=True),
+    Option("zero3_offload_opt", 3, offload_optimizer=True),
+    Option("zero3_offload", 3, offload_optimizer=True, offload_param=True),
+)
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus_per_node: int
+    gpu_mem: int
+    nodes: int = 1
+    cpu_mem: int | None = None  # per node; None = not checked
+
+    @property
+    def total_gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass(frozen=True)
+class PartParams:
+    trainable: int
+    frozen: int
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The shape of a transformer stack, as far as activations care."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    q_dim: int
+    kv_dim: int
+    gated_mlp: bool
+    checkpointing: bool
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything the memory model needs, read from configs on the meta device."""
+
+    parts: dict[str, PartParams]
+    largest_layer: int  # elements of the largest single module (what ZeRO-3 gathers at once)
+    llm: Stack
+    vocab: int
+    vision: Stack | None = None
+    vision_tokens: int = 0  # tokens the vision tower produces per image
+    patch_elements: int = 0  # pixels x channels per patch (the patch embedding's saved input)
+    vision_trainable: bool = False
+    connector_elements: int = 0  # activation elements the connector keeps per image
+    connector_active: bool = False  # the connector keeps activations (it or the tower trains)
+    tokens_per_image: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.trainable for p in self.parts.values())
+
+    @property
+    def frozen(self) -> int:
+        return sum(p.frozen for p in self.parts.values())
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+@dataclass
+class Estimate:
+    """Memory of one option: bytes per GPU and per node (host RAM) by category."""
+
+    option: Option
+    gpu: dict[str, int]
+    cpu: dict[str, int]
+    activation_per_sample: int
+    cpu_load: int  # transient host RAM at start-up: every local rank builds the whole model
+    budget: int  # usable GPU bytes after the margin
+    micro_batch: int
+    max_micro_batch: int = 0
+    fits: bool = False
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def static_gpu(self) -> int:
+        return self.gpu_total - self.gpu.get("activations", 0)
+
+    @property
+    def cpu_total(self) -> int:
+        return max(sum(self.cpu.values()), self.cpu_load)
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    hardware: Hardware
+    precision: str
+    micro_batch: int
+    seq_len: int
+    images_per_sample: int
+    margin: float
+    estimates: list[Estimate]
+    recommended: Estimate | None
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_size(text: str | int | float) -> int:
+    """'80GB' / '80G' / '80GiB' / '512 gb' / 80 -> bytes. GB means GiB, as GPU vendors' '80GB' does."""
+    if isinstance(text, int | float):
+        return int(text * 2**30)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(f"cannot read memory size '{text}'; write it like 80GB, 40GiB or 512G")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def optimizer_state_bytes(optimizer_type: str | None) -> int:
+    """Bytes of optimizer state per trainable element for a DeepSpeed optimizer type (default Adam)."""
+    if optimizer_type is None:
+        return 8
+    key = optimizer_type.lower()
+    if key not in OPTIMIZER_STATE_BYTES:
+        log.warning("planner: unknown optimizer %s, assuming Adam's 8 bytes of state per parameter", optimizer_type)
+    return OPTIMIZER_STATE_BYTES.get(key, 8)
+
+
+# ---- model states -----------------------------------------------------------------------------
+
+def model_state_bytes(shape: ModelShape, option: Option, hardware: Hardware, precision: str,
+                      state_bytes: int = 8) -> tuple[dict[str, int], dict[str, int]]:
+    """(per-GPU, per-node host RAM) bytes of params, grads and optimizer states for one option.
+
+    Keys: ``params_trainable``, ``params_frozen``, ``gathered`` (ZeRO-3's live layer), ``grads``,
+    ``fp32_copies`` (master params + fp32 grads), ``moments`` (optimizer state)."""
+    p = PRECISION_BYTES[precision]
+    n = hardware.total_gpus
+    trainable, frozen = shape.trainable, shape.frozen
+    # DeepSpeed keeps an fp32 master copy and fp32 grads; ZeRO-0 without mixed precision does not
+    fp32_copies = 8 if (option.stage > 0 or p != 4) else 0
+    split = n if option.stage >= 1 else 1
+    gpu = {"params_trainable": trainable * p, "params_frozen": frozen * p, "gathered": 0,
+           "grads": trainable * p, "fp32_copies": fp32_copies * trainable // split,
+           "moments": state_bytes * trainable // split}
+    cpu = dict.fromkeys(gpu, 0)
+    if option.stage >= 2:
+        gpu["grads"] = trainable * p // n
+    if option.stage >= 3:
+        gpu["params_trainable"] = trainable * p // n
+        gpu["params_frozen"] = frozen * p // n
+        gpu["gathered"] = 2 * p * shape.largest_layer
+    moved = ["fp32_copies", "moments"] if option.offload_optimizer else []
+    if option.offload_optimizer and option.stage >= 2:
+        gpu["grads"] = 0  # reduced straight into the host fp32 gradient partition (in fp32_copies)
+    if option.offload_param:
+        moved += ["params_trainable", "params_frozen"]
+    for key in moved:  # each of this node's ranks keeps its shard in host RAM
+        cpu[key], gpu[key] = gpu[key] * hardware.gpus_per_node, 0
+    return gpu, {k: v for k, v in cpu.items() if v}
+
+
+def buffer_bytes(option: Option, precision: str) -> int:
+    """DeepSpeed's communication buckets at their default sizes (allocated whatever the model size)."""
+    from zerovl.engine.ds_config import PRESETS
+
+    p = PRECISION_BYTES[precision]
+    if option.stage == 0:
+        return 0
+    preset = PRESETS.get(option.name, {}).get("zero_optimization", {})
+    if option.stage == 3:  # contiguous reduce bucket + parameter prefetch bucket
+        return (REDUCE_BUCKET_SIZE + PREFETCH_BUCKET_SIZE) * p
+    # ZeRO-1/2 with contiguous_gradients (DeepSpeed's default): one bucket, two with overlap_comm
+    count = 2 if preset.get("overlap_comm", False) else 1
+    return count * REDUCE_BUCKET_SIZE * p
+
+
+# ---- activations ------------------------------------------------------------------------------
+
+def _llm_layer_bytes_per_token(s: Stack, p: int) -> int:
+    mlp = (4 if s.gated_mlp else 2) * s.intermediate
+    return 2 * (4 * s.hidden + p * s.hidden) + p * (2 * s.hidden + 2 * s.q_dim + 2 * s.kv_dim + mlp)
+
+
+def _vision_layer_bytes_per_token(s: Stack, p: int) -> int:
+    return p * (8 * s.hidden + 2 * s.intermediate)
+
+
+def _stack_bytes(per_layer: int, s: Stack, p: int, tokens: int) -> int:
+    if s.checkpointing:  # each layer keeps its input; one layer is recomputed at a time in backward
+        return tokens * (s.layers * p * s.hidden + per_layer)
+    return tokens * s.layers * per_layer
+
+
+def activation_breakdown(shape: ModelShape, seq_len: int, precision: str,
+                         images_per_sample: int = 1) -> dict[str, int]:
+    """Activation bytes for ONE sample (micro batch of 1), by where they are kept."""
+    p = PRECISION_BYTES[precision]
+    llm = shape.llm
+    out = {
+        "llm_layers": _stack_bytes(_llm_layer_bytes_per_token(llm, p), llm, p, seq_len),
+        "llm_head": seq_len * (4 * llm.hidden + 2 * p * llm.hidden),
+        "loss": seq_len * LOSS_SAVED_BYTES_PER_VOCAB * shape.vocab,
+        "loss_backward": seq_len * LOSS_BACKWARD_BYTES_PER_VOCAB * shape.vocab,
+        "vision": 0,
+        "connector": 0,
+    }
+    if shape.vision is not None and shape.vision_trainable:
+        tokens = images_per_sample * shape.vision_tokens
+        per_layer = _vision_layer_bytes_per_token(shape.vision, p)
+        out["vision"] = (_stack_bytes(per_layer, shape.vision, p, tokens)
+                         + tokens * p * (shape.patch_elements + 2 * shape.vision.hidden))
+    if shape.connector_active:
+        out["connector"] = images_per_sample * shape.connector_elements * p
+    return out
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+
+def estimate(shape: ModelShape, option: Option, hardware: Hardware, precision: str, micro_batch: int,
+             seq_len: int, images_per_sample: int = 1, state_bytes: int = 8, margin: float = 0.1) -> Estimate:
+    """Memory of one option at the given micro batch, whether it fits, and the largest micro batch that does."""
+    gpu, cpu = model_state_bytes(shape, option, hardware, precision, state_bytes)
+    gpu["buffers"] = buffer_bytes(option, precision)
+    per_sample = sum(activation_breakdown(shape, seq_len, precision, images_per_sample).values())
+    gpu["activations"] = per_sample * micro_batch
+    p = PRECISION_BYTES[precision]
+    est = Estimate(option, gpu, cpu, per_sample, cpu_load=hardware.gpus_per_node * shape.total * p,
+                   budget=int(hardware.gpu_mem * (1 - margin)), micro_batch=micro_batch)
+    cpu_ok = hardware.cpu_mem is None or est.cpu_total <= hardware.cpu_mem * (1 - margin)
+    room = est.budget - est.static_gpu
+    est.max_micro_batch = max(0, room // per_sample) if cpu_ok and room > 0 else 0
+    est.fits = cpu_ok and est.gpu_total <= est.budget
+    return est
+
+
+def plan(shape: ModelShape, hardware: Hardware, precision: str, micro_batch: int, seq_len: int,
+         images_per_sample: int = 1, state_bytes: int = 8, margin: float = 0.1,
+         options: tuple[Option, ...] = OPTIONS) -> Plan:
+    """Estimate every option; recommend the first (fastest) that fits the configured micro batch,
+    or failing that, the first that fits any micro batch."""
+    if not 0 <= margin < 1:
+        raise ConfigError(f"--margin must be in [0, 1), got {margin}")
+    if hardware.gpus_per_node < 1 or hardware.nodes < 1:
+        raise ConfigError("--gpus and --nodes must be at least 1")
+    estimates = [estimate(shape, o, hardware, precision, micro_batch, seq_len, images_per_sample,
+                          state_bytes, margin) for o in options]
+    recommended = next((e for e in estimates if e.fits), None)
+    if recommended is None:
+        recommended = next((e for e in estimates if e.max_micro_batch >= 1), None)
+    return Plan(shape, hardware, precision, micro_batch, seq_len, images_per_sample, margin, estimates,
+                recommended, list(shape.notes))
+
+
+# ---- counting parameters from configs alone --------------------------------------------------
+
+def _first(cfg: Any, *names: str) -> Any:
+    return next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), None)
+
+
+def _stack_from_config(cfg: Any, checkpointing: bool, gated: bool) -> Stack:
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
+    layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    if hidden is None or layers is None:
+        raise ConfigError(f"planner: cannot read hidden size and layer count from the {cfg.model_type} config")
+    heads = _first(cfg, "num_attention_heads", "n_head") or 1
+    kv_heads = _first(cfg, "num_key_value_heads") or heads
+    head_dim = _first(cfg, "head_dim") or hidden // heads
+    intermediate = _first(cfg, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    return Stack(layers=int(layers), hidden=int(hidden), intermediate=int(intermediate),
+                 q_dim=int(heads * head_dim), kv_dim=int(kv_heads * head_dim), gated_mlp=gated,
+                 checkpointing=checkpointing)
+
+
+def _count_parts(parts: dict[str, Any]) -> dict[str, PartParams]:
+    seen: set[int] = set()  # tied weights (embeddings / lm_head) are one Parameter: count once
+    counts = {}
+    for name, module in parts.items():
+        trainable = frozen = 0
+        for param in module.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if param.requires_grad:
+                trainable += param.numel()
+            else:
+                frozen += param.numel()
+        counts[name] = PartParams(trainable, frozen)
+    return counts
+
+
+def largest_layer_params(module: Any) -> int:
+    """Elements of the largest single module's own parameters, as DeepSpeed's ``model_to_params``."""
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
+
+
+def _meta_llm(settings: Any) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if settings.path is not None:
+        try:
+            cfg = AutoConfig.from_pretrained(settings.path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.llm.path: cannot read a config.json in {settings.path} ({e})") from None
+    else:
+        inline = dict(settings.config)
+        model_type = inline.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.llm.config needs a model_type, e.g. qwen2")
+        cfg = AutoConfig.for_model(model_type, **inline)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _connector_elements(settings: Any, connector: Any, vision_dim: int, vision_tokens: int, llm_dim: int) -> int:
+    """Activation elements one image leaves in the connector for backward."""
+    if settings.type == "linear":
+        return vision_tokens * vision_dim
+    if settings.type == "mlp":
+        return vision_tokens * (vision_dim + 2 * (settings.mlp_depth - 1) * llm_dim)
+    qcfg = connector.qformer.config  # queries through self-attention layers, cross-attending to the image
+    queries = settings.num_query_tokens
+    cross_layers = math.ceil(qcfg.num_hidden_layers / max(1, qcfg.cross_attention_frequency))
+    per_layer = queries * (8 * qcfg.hidden_size + 2 * qcfg.intermediate_size)
+    return (qcfg.num_hidden_layers * per_layer + cross_layers * 2 * vision_tokens * qcfg.hidden_size
+            + vision_tokens * vision_dim + queries * qcfg.hidden_size)
+
+
+def count_model(settings: Any) -> ModelShape:
+    """Parameter counts (trainable / frozen per part) and layer shapes of the model a config
+    describes, from its config files only: modules are built on the meta device, then the builder's
+    own freezing/LoRA rules are applied, so the split matches what training will see."""
+    import torch
+
+    from zerovl.models.builder import apply_training_modes, load_tokenizer
+    from zerovl.models.connectors import build_connector
+    from zerovl.models.vision import VisionTower, tower_classes, vision_config_from
+    from zerovl.models.vlm import ComposedVLM
+
+    notes = []
+    try:
+        tokenizer = load_tokenizer(settings)
+    except ConfigError as e:  # a plan does not need the tokenizer, only its size
+        tokenizer = None
+        notes.append(f"tokenizer not loaded ({e}); vocabulary size taken from the LLM config")
+    with torch.device("meta"):
+        llm = _meta_llm(settings.llm)
+        if tokenizer is not None and len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        gated = any(name.endswith(("gate_proj", "w1", "gate_up_proj")) for name, _ in llm.named_modules())
+        llm_stack = _stack_from_config(llm.config, settings.llm.gradient_checkpointing, gated)
+        vocab = llm.get_input_embeddings().num_embeddings
+        vision = connector = None
+        vision_kwargs: dict[str, Any] = {}
+        if settings.vision is not None:
+            vs = settings.vision
+            vcfg = vision_config_from(vs.path, vs.config)
+            encoder = tower_classes(vcfg.model_type)[0](vcfg)
+            drop_cls = vs.drop_cls  # same rule as models.vision.build_vision
+            if drop_cls == "auto":
+                drop_cls = settings.connector.type != "qformer" and vcfg.model_type != "siglip_vision_model"
+            vision = VisionTower(encoder, vs.feature_layer, drop_cls)
+            connector = build_connector(settings.connector, vision.hidden_size, llm_stack.hidden, vision.num_tokens)
+            vision_kwargs = dict(
+                vision=_stack_from_config(vcfg, vs.gradient_checkpointing, gated=False),
+                vision_tokens=vision.num_tokens,
+                patch_elements=getattr(vcfg, "num_channels", 3) * vcfg.patch_size**2,
+                vision_trainable=vs.mode != "frozen",
+                connector_elements=_connector_elements(settings.connector, connector, vision.hidden_size,
+                                                       vision.num_tokens, llm_stack.hidden),
+                connector_active=vs.mode != "frozen" or settings.connector.mode != "frozen",
+                tokens_per_image=connector.tokens_per_image,
+            )
+        image_id = tokenizer.convert_tokens_to_ids(settings.image_token) if tokenizer is not None else 0
+        model = ComposedVLM(llm, image_id, vision, connector, vision_kwargs.get("vision_trainable", False))
+        apply_training_modes(model, settings)
+    parts = {"vision": model.vision, "connector": model.connector, "llm": model.llm}
+    counts = _count_parts({k: v for k, v in parts.items() if v is not None})
+    return ModelShape(parts=counts, largest_layer=largest_layer_params(model), llm=llm_stack, vocab=vocab,
+                      notes=tuple(notes), **vision_kwargs)

@@ -1,0 +1,292 @@
+"""``zerovl data check`` and ``zerovl data prepare``: know the training data before the first step.
+
+``check`` reads every dataset of a config the way training would and reports, per dataset: records
+read and usable; broken ones (unreadable, ``<image>`` tags that do not match the images, missing or
+corrupt images) with ``file:line`` examples; samples over ``max_length`` (cut, or dropped because an
+image would be cut); a token-length histogram (PNG, with the ``[plot]`` extra) and the tokens one
+epoch will hold under the mixture weights. It fails when the share of broken records exceeds
+``--max-error-rate``.
+
+``prepare`` tokenizes the training data into ``data.cache_dir`` (see :mod:`zerovl.data.cache`),
+in parallel and resumably. Neither loads model weights: only the tokenizer and the vision config
+(for the number of image tokens) are read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zerovl.config import Config, DatasetSpec, DataSettings, ModelSettings
+from zerovl.data.cache import PrepareResult, prepare_cache
+from zerovl.data.images import image_problem
+from zerovl.data.plan import mixture_counts
+from zerovl.data.readers import ReadReport, iter_dataset
+from zerovl.data.samples import Sample
+from zerovl.data.template import IGNORE_INDEX, ChatTemplate
+from zerovl.errors import DataError
+from zerovl.models.builder import load_tokenizer
+
+log = logging.getLogger("zerovl.data")
+MAX_EXAMPLES = 5
+
+
+# -- the text side of the model, without weights -------------------------------------------------------
+def tokens_per_image(model: ModelSettings) -> int:
+    """Image tokens the connector emits per image, from configs alone (the tower is built on the meta
+    device). Training checks the cache against the real model's figure, so a mismatch cannot slip by."""
+    if model.vision is None:
+        return 0
+    if model.connector.type == "qformer":
+        return model.connector.num_query_tokens
+    from zerovl.models.vision import VisionTower, tower_classes, vision_config_from
+
+    vcfg = vision_config_from(model.vision.path, model.vision.config)
+    model_cls, _ = tower_classes(vcfg.model_type)
+    with torch.device("meta"):
+        encoder = model_cls(vcfg)
+    drop_cls = model.vision.drop_cls
+    if drop_cls == "auto":  # the rule of models.vision.build_vision
+        drop_cls = model.connector.type != "qformer" and vcfg.model_type != "siglip_vision_model"
+    return VisionTower(encoder, model.vision.feature_layer, drop_cls).num_tokens
+
+
+def tokenizer_dir(model: ModelSettings) -> str:
+    return model.tokenizer or model.llm.path
+
+
+def text_template(cfg: Config) -> ChatTemplate:
+    tokenizer = load_tokenizer(cfg.model)
+    return ChatTemplate(tokenizer, cfg.model.image_token, tokens_per_image(cfg.model), cfg.data.system_prompt)
+
+
+# -- prepare -------------------------------------------------------------------------------------------
+def prepare_data(cfg: Config, workers: int = 1, shard_size: int = 10_000, overwrite: bool = False) -> PrepareResult:
+    template = text_template(cfg)
+    return prepare_cache(cfg.data, template, tokenizer_dir(cfg.model), cfg.model.vision is not None, workers,
+                         shard_size, overwrite)
+
+
+def describe_prepare(result: PrepareResult, cache_dir: str) -> str:
+    dropped = f", dropped {dict(result.dropped)}" if result.dropped else ""
+    return (f"prepared {result.samples} samples in {result.shards_written + result.shards_reused} shards "
+            f"({result.shards_reused} already complete) in {result.seconds:.1f} s = {result.samples_per_s:,.0f} "
+            f"samples/s{dropped} -> {cache_dir}")
+
+
+# -- check ---------------------------------------------------------------------------------------------
+@dataclass
+class DatasetCheck:
+    name: str
+    split: str
+    format: str
+    path: str
+    weight: float = 1.0
+    records: int = 0
+    usable: int = 0
+    errors: Counter = field(default_factory=Counter)
+    over_max_length: Counter = field(default_factory=Counter)  # truncated | image_tokens_cut | no_supervised_tokens
+    examples: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # full (uncut) token lengths of readable samples
+    text_tokens: int = 0  # in the kept samples, after cutting to max_length
+    image_tokens: int = 0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def kept(self) -> int:
+        return self.usable - self.over_max_length["image_tokens_cut"] - self.over_max_length["no_supervised_tokens"]
+
+    def error(self, kind: str, message: str) -> None:
+        self.errors[kind] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(message)
+
+
+@dataclass
+class CheckReport:
+    datasets: list[DatasetCheck]
+    max_length: int
+    max_error_rate: float
+    samples_per_epoch: int = 0
+    text_tokens_per_epoch: int = 0
+    image_tokens_per_epoch: int = 0
+    histogram_png: str | None = None
+    report_json: str | None = None
+
+    @property
+    def records(self) -> int:
+        return sum(d.records for d in self.datasets)
+
+    @property
+    def errors(self) -> int:
+        return sum(d.error_count for d in self.datasets)
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / max(self.records, 1)
+
+    @property
+    def passed(self) -> bool:
+        return self.error_rate <= self.max_error_rate
+
+    def render(self) -> str:
+        rows = [f"{'dataset':<28} {'split':<5} {'format':<10} {'records':>8} {'errors':>14} {'>max_len':>9} "
+                f"{'mean tok':>9} {'max tok':>8}"]
+        for d in self.datasets:
+            rate = d.error_count / max(d.records, 1)
+            over = sum(d.over_max_length.values())
+            mean = f"{np.mean(d.lengths):.1f}" if d.lengths else "-"
+            top = f"{max(d.lengths)}" if d.lengths else "-"
+            rows.append(f"{d.name[:28]:<28} {d.split:<5} {d.format:<10} {d.records:>8} "
+                        f"{f'{d.error_count} ({rate:.1%})':>14} {over:>9} {mean:>9} {top:>8}")
+        lines = rows
+        for d in self.datasets:
+            if d.errors or d.over_max_length:
+                kinds = ", ".join(f"{k} {v}" for k, v in sorted(d.errors.items()))
+                over = ", ".join(f"{k} {v}" for k, v in sorted(d.over_max_length.items()))
+                lines.append(f"{d.name}: errors: {kinds or 'none'}; over max_length={self.max_length}: {over or 'none'}")
+                lines += [f"  e.g. {e}" for e in d.examples]
+        lines.append(f"tokens per epoch (train, mixture weights applied): "
+                     f"{self.text_tokens_per_epoch + self.image_tokens_per_epoch:,} = text "
+                     f"{self.text_tokens_per_epoch:,} + image {self.image_tokens_per_epoch:,} over "
+                     f"{self.samples_per_epoch:,} samples")
+        if self.histogram_png:
+            lines.append(f"token-length histogram: {self.histogram_png}")
+        if self.report_json:
+            lines.append(f"full report: {self.report_json}")
+        verdict = "OK" if self.passed else "FAILED"
+        lines.append(f"{verdict}: {self.errors} broken of {self.records} records = {self.error_rate:.2%} "
+                     f"({'<=' if self.passed else '>'} --max-error-rate {self.max_error_rate:.2%})")
+        return "\n".join(lines)
+
+
+def _image_sources(sample: Sample) -> list[tuple[str, bytes | None]]:
+    data = sample.meta.get("image_bytes")
+    return list(zip(sample.images, data)) if data is not None else [(p, None) for p in sample.images]
+
+
+def check_dataset(spec: DatasetSpec, split: str, template: ChatTemplate, data: DataSettings, has_vision: bool,
+                  check_images: bool = True) -> DatasetCheck:
+    """Read one dataset like training would, recording every problem instead of stopping at it."""
+    result = DatasetCheck(spec.label, split, spec.format, spec.path, spec.weight)
+    report = ReadReport(skip_bad=True)
+    seen: dict[str, str | None] = {}
+    for sample in iter_dataset(spec, report):
+        result.records += 1
+        if check_images:
+            problems = []
+            for name, blob in _image_sources(sample):
+                if name not in seen:
+                    seen[name] = image_problem(None if blob is not None else name, blob)
+                if seen[name]:
+                    problems.append((seen[name], name))
+            if problems:
+                kind, name = problems[0]
+                result.error(kind, f"{sample.source}: image {name} {'not found' if kind == 'missing_image' else 'cannot be read'}")
+                continue
+        if sample.images and not has_vision:
+            result.error("no_vision_tower", f"{sample.source}: sample has images but the model has no vision tower")
+            continue
+        try:
+            enc = template.encode(sample)
+        except DataError as e:
+            result.error("template", str(e))
+            continue
+        result.usable += 1
+        length = len(enc.input_ids)
+        result.lengths.append(length)
+        ids, labels = enc.input_ids[: data.max_length], enc.labels[: data.max_length]
+        if length > data.max_length:
+            if template.image_token_id in enc.input_ids[data.max_length:]:
+                reason = "image_tokens_cut"
+            elif all(lab == IGNORE_INDEX for lab in labels):
+                reason = "no_supervised_tokens"
+            else:
+                reason = "truncated"
+            result.over_max_length[reason] += 1
+            if reason == "image_tokens_cut" and data.too_long == "error":
+                result.error("too_long", f"{sample.source}: data.max_length={data.max_length} would cut its image tokens")
+            if reason != "truncated":
+                continue
+        images = sum(1 for t in ids if t == template.image_token_id)
+        result.image_tokens += images
+        result.text_tokens += len(ids) - images
+    for kind, count in report.counts.items():
+        result.errors[kind] += count
+    result.records += report.skipped
+    result.examples = (report.examples + result.examples)[:MAX_EXAMPLES]
+    return result
+
+
+def save_histogram(checks: list[DatasetCheck], max_length: int, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("no token-length histogram: matplotlib is missing (pip install 'zerovl[plot]')")
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    top = max([max(c.lengths) for c in checks if c.lengths] + [max_length])
+    bins = np.linspace(0, top + 1, 60)
+    for c in checks:
+        if c.lengths:
+            ax.hist(c.lengths, bins=bins, histtype="step", linewidth=1.5, label=f"{c.name} ({c.split})")
+    ax.axvline(max_length, color="black", linestyle="--", label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per sample (text + image)")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def check_data(cfg: Config, out_dir: str | None = None, max_error_rate: float = 0.0,
+               check_images: bool = True) -> CheckReport:
+    template = text_template(cfg)
+    data = cfg.data
+    has_vision = cfg.model.vision is not None
+    checks = [check_dataset(spec, "train", template, data, has_vision, check_images)
+              for spec in data.train_datasets()]
+    if data.val:
+        checks.append(check_dataset(data.val_dataset(data.val), "val", template, data, has_vision, check_images))
+    report = CheckReport(checks, data.max_length, max_error_rate)
+    train = [c for c in checks if c.split == "train"]
+    counts = mixture_counts([c.kept for c in train], [c.weight for c in train]) if any(c.kept for c in train) \
+        else [0] * len(train)
+    for c, n in zip(train, counts):
+        report.samples_per_epoch += n
+        report.text_tokens_per_epoch += round(n * c.text_tokens / max(c.kept, 1))
+        report.image_tokens_per_epoch += round(n * c.image_tokens / max(c.kept, 1))
+    out = Path(out_dir or Path(cfg.train.output_dir) / "data_check")
+    out.mkdir(parents=True, exist_ok=True)
+    report.histogram_png = save_histogram(checks, data.max_length, out / "token_lengths.png")
+    report.report_json = str(out / "data_check.json")
+    Path(report.report_json).write_text(json.dumps(_as_json(report), indent=1))
+    return report
+
+
+def _as_json(report: CheckReport) -> dict[str, Any]:
+    body = {k: v for k, v in vars(report).items() if k != "datasets"}
+    body["datasets"] = []
+    for check in report.datasets:
+        d = {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(check).items()}  # asdict breaks Counters
+        body["datasets"].append(d)
+        lengths = np.asarray(check.lengths or [0])
+        d["lengths"] = {"count": len(check.lengths), "mean": float(lengths.mean()), "p50": float(np.percentile(lengths, 50)),
+                        "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max())}
+        d["kept"] = check.kept
+    body.update(records=report.records, errors=report.errors, error_rate=report.error_rate, passed=report.passed)
+    return body
