@@ -100,7 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun --nproc_per_node)")
     p.add_argument("--out", default=None, help="output directory (default <train.output_dir>/bench-<time>)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per stage")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     p.add_argument("overrides", nargs="*")
 
     p = sub.add_parser("report", help="plot loss, lr, throughput and memory of a run to PNG files")
@@ -181,8 +180,7 @@ def _cmd_bench(args) -> int:
     from zerovl.recipes.bench import run_bench
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    run_bench(args.config, stages, args.steps, args.nproc, args.out, args.overrides, args.timeout,
-              args.keep_checkpoints)
+    run_bench(args.config, stages, args.steps, args.nproc, args.out, args.overrides, args.timeout)
     return 0
 
 

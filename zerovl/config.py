@@ -249,6 +249,7 @@ class TrainSettings(_Strict):
     seed: int = 42
     save_every: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
+    save_final: bool = Field(True, description="checkpoint at the end of the run (benchmarks turn it off)")
     resume: str = Field("auto", description="auto | none | path to a checkpoint directory")
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0)

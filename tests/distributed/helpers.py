@@ -34,7 +34,9 @@ def run(args: list[str], nproc: int = 2, timeout: int = 300, launcher: str = "to
 
 
 def check(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-6000:]}"
+    if proc.returncode != 0:
+        errors = [line for line in proc.stdout.splitlines() if "Error" in line and "rank" in line]
+        raise AssertionError(f"exit {proc.returncode}; errors: {errors[:4]}\n{proc.stdout[-5000:]}")
     return proc.stdout
 
 

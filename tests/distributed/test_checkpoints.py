@@ -49,30 +49,34 @@ def test_exact_resume_mid_epoch_with_accumulation(tmp_path, scenes, preset):
 
 
 def test_resume_on_other_stage_and_world_size(tmp_path, scenes):
-    """ZeRO-3 on 2 ranks -> ZeRO-2 on 2 ranks (same batches: losses match the uninterrupted ZeRO-3 run
-    closely, so weights, Adam moments and step were restored) -> ZeRO-2 on 1 rank (data continues)."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    full = _config(tmp_path / "a", scenes, "zero3", max_steps=9)
+    """Through DeepSpeed's universal checkpoint: ZeRO-2 -> ZeRO-1 on the same 2 ranks (same batches)
+    continues bit-exactly, so fp32 weights, Adam moments and step are all restored; ZeRO-3 on 2 ranks ->
+    ZeRO-2 on 1 rank continues the same epoch where it stopped."""
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    full = _config(tmp_path / "a", scenes, "zero2", max_steps=9)
     check(run(["train", str(full)]))
     reference, _ = metrics(tmp_path / "a" / "run")
 
-    cfg = _config(tmp_path / "b", scenes, "zero3", max_steps=9)
+    cfg = _config(tmp_path / "b", scenes, "zero2", max_steps=9)
     check(run(["train", str(cfg), "train.stop_after_steps=3"]))
-    out = check(run(["train", str(cfg), "deepspeed=zero2", "train.stop_after_steps=6"]))
-    assert "through a universal checkpoint" in out
+    out = check(run(["train", str(cfg), "deepspeed=zero1", "train.stop_after_steps=6"]))
+    assert "ZeRO-2 x2 checkpoint as ZeRO-1 x2 through a universal checkpoint" in out
     resumed, _ = metrics(tmp_path / "b" / "run")
     for ref, got in zip(reference[3:6], resumed[3:6]):
         assert got["step"] == ref["step"]
-        assert abs(got["loss"] - ref["loss"]) <= 1e-4 * abs(ref["loss"]), (got, ref)
+        assert abs(got["loss"] - ref["loss"]) <= 1e-6 * abs(ref["loss"]), (got, ref)
 
+    cfg = _config(tmp_path / "c", scenes, "zero3", max_steps=9)
+    check(run(["train", str(cfg), "train.stop_after_steps=3"]))
     out = check(run(["train", str(cfg), "deepspeed=zero2"], nproc=1))
-    assert "ZeRO-2 x2 checkpoint as ZeRO-2 x1" in out
-    rows, _ = metrics(tmp_path / "b" / "run")
-    after = [r for r in rows if r["step"] > 6]
-    assert [r["step"] for r in after] == [7, 8, 9]
-    # one rank now takes micro x accum samples per step, continuing the same epoch position
-    assert after[0]["consumed"] == rows[5]["consumed"] + 2 * 2 or after[0]["epoch"] > rows[5]["epoch"]
+    assert "ZeRO-3 x2 checkpoint as ZeRO-2 x1" in out
+    rows, _ = metrics(tmp_path / "c" / "run")
+    after = [r for r in rows if r["step"] > 3]
+    assert [r["step"] for r in after] == [4, 5, 6, 7, 8, 9]
+    # one rank now takes micro 2 x accumulation 2 samples per step, continuing the same epoch position
+    assert after[0]["epoch"] == rows[2]["epoch"] and after[0]["consumed"] == rows[2]["consumed"] + 4
+    assert abs(after[0]["loss"] - rows[2]["loss"]) < 0.5 * rows[2]["loss"]  # no restart from scratch
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, scenes):

@@ -63,6 +63,10 @@ def test_vision_towers_load_from_directory(tmp_path, scenes, kind, connector):
     assert built.tokens_per_image == expected
     features = built.model.vision(torch.zeros(2, 3, 32, 32))
     assert features.shape[1] == patches + (has_cls if connector == "qformer" else 0)
+    from PIL import Image
+
+    pixels = built.image_processor([Image.new("RGB", (50, 40))])["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)  # resized (and cropped) to the tower's own input size
 
 
 def test_blip2_vision_loads_from_full_blip2_directory(tmp_path, scenes):

@@ -82,12 +82,8 @@ def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float 
 def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
     """(type, question, answer) triples, one per question type that the scene allows."""
     obj, other = rng.choice(scene), rng.choice(scene)
-    # each attribute is asked about by position and by the other attribute, so colour and shape
-    # words appear both in questions and in answers
-    colour_q = (f"what colour is the shape {WHERE[obj.slot]} ?" if rng.random() < 0.5
-                else f"what colour is the {obj.shape} ?")
-    shape_q = (f"what shape is {WHERE[other.slot]} ?" if rng.random() < 0.5
-               else f"what shape is the {other.colour} one ?")
+    colour_q = f"what colour is the shape {WHERE[obj.slot]} ?"
+    shape_q = f"what shape is {WHERE[other.slot]} ?"
     qa = [
         ("colour", colour_q, obj.colour),
         ("shape", shape_q, other.shape),

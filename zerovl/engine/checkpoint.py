@@ -223,38 +223,80 @@ def to_universal(ckpt: Path) -> Path:
     return out
 
 
+def _saved_adam_step(folder: Path) -> float | None:
+    """Adam's step count: per parameter (ZeRO-1/2 converter) or in the common optimizer state (ZeRO-3)."""
+    for step_file in folder.glob("*/step.pt"):
+        return float(torch.load(step_file, weights_only=False))
+    common = folder / "optimizer_state.pt"
+    if common.is_file():
+        state = torch.load(common, weights_only=False).get("optimizer_state_dict", {}).get("state", {})
+        for entry in state.values():
+            if "step" in entry:
+                return float(entry["step"])
+    return None
+
+
+def _materialize_optimizer_state(engine) -> None:
+    """Adam creates its moments lazily at the first step; create them (zeros) now so that the saved
+    moments can be written into them, and let ZeRO-1/2 link its per-parameter views to them."""
+    from zerovl.engine.telemetry import base_optimizer
+
+    opt = base_optimizer(engine)
+    tensor_step = isinstance(opt, torch.optim.Adam | torch.optim.AdamW)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    # ZeRO-3 swaps its flat fp32 partitions into the param groups only during step()
+    params += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    for p in params:
+        state = opt.state[p]
+        state.setdefault("step", torch.zeros((), dtype=torch.float32) if tensor_step else 0)
+        state.setdefault("exp_avg", torch.zeros_like(p))
+        state.setdefault("exp_avg_sq", torch.zeros_like(p))
+    zero_optimizer = engine.optimizer
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link fragments
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def load_portable(engine, ckpt: Path, dist: DistInfo, step: int) -> None:
     """Set every trainable parameter's fp32 master, working copy, Adam moments and step through
     DeepSpeed's tensor-fragment API, which works on any ZeRO stage and partitioning."""
     from deepspeed import zero
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    from zerovl.engine.telemetry import base_optimizer
+
     if dist.is_main:
         to_universal(ckpt)
     barrier()
     folder = ckpt / "universal" / "zero"
     stage3 = engine.zero_optimization_stage() == 3
-    adam_step = None
+
+    def read(pdir: Path, key: str, shape: torch.Size) -> torch.Tensor:
+        saved = torch.load(pdir / f"{key}.pt", weights_only=False)
+        saved = saved["param"] if isinstance(saved, dict) else saved  # ZeRO-1/2 vs ZeRO-3 converters
+        return saved.reshape(shape)  # ZeRO-3 sources store flat tensors
+
+    adam_step = _saved_adam_step(folder)
+    _materialize_optimizer_state(engine)
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue  # frozen: the freshly built model already holds the same weights
         pdir = folder / name
         if not (pdir / "fp32.pt").is_file():
             raise CheckpointError(f"{ckpt}: no saved state for parameter {name}")
-        value = torch.load(pdir / "fp32.pt", weights_only=False)["param"]
+        shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+        value = read(pdir, "fp32", shape)
         safe_set_full_fp32_param(param, value)
         for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(param, torch.load(pdir / f"{key}.pt", weights_only=False)["param"], key)
-        if adam_step is None and (pdir / "step.pt").is_file():
-            adam_step = torch.load(pdir / "step.pt", weights_only=False)
+            safe_set_full_optimizer_state(param, read(pdir, key, shape), key)
         if stage3:  # the partitioned 16-bit copy used by forward
             with zero.GatheredParameters([param], modifier_rank=0):
                 if dist.is_main:
                     param.data.copy_(value.to(param.dtype))
         else:
             param.data.copy_(value.to(param.dtype))
-    adam_step = float(adam_step if adam_step is not None else step)
-    for opt_state in engine.optimizer.optimizer.state.values():
+    adam_step = float(adam_step if adam_step is not None else step)  # no optimizer step was skipped
+    for opt_state in base_optimizer(engine).state.values():
         if "step" in opt_state:  # Adam's bias correction depends on it
             old = opt_state["step"]
             opt_state["step"] = torch.tensor(adam_step, dtype=old.dtype) if torch.is_tensor(old) else int(adam_step)

@@ -20,6 +20,7 @@ class MetricsLog:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._file = open(self.path, "a") if enabled else None
+        self._flushed = 0.0
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -31,8 +32,11 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-        self._file.flush()
+        now = time.time()
+        self._file.write(json.dumps({"time": round(now, 3), **record}) + "\n")
+        if record.get("split") != "train" or now - self._flushed > 2.0:  # train lines: at most every 2 s
+            self._file.flush()
+            self._flushed = now
         if self._tb is not None and "step" in record:
             split = record.get("split", record.get("event", "misc"))
             for key, value in record.items():

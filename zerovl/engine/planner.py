@@ -185,7 +185,7 @@ class Estimate:
     gpu: dict[str, int]
     cpu: dict[str, int]
     activation_per_sample: int
-    cpu_load: int  # transient host RAM at start-up: every local rank builds the whole model
+    cpu_load: int  # transient host RAM at start-up, while the local ranks build the model
     budget: int  # usable GPU bytes after the margin
     micro_batch: int
     max_micro_batch: int = 0
@@ -338,7 +338,10 @@ def estimate(shape: ModelShape, option: Option, hardware: Hardware, precision: s
     per_sample = sum(activation_breakdown(shape, seq_len, precision, images_per_sample).values())
     gpu["activations"] = per_sample * micro_batch
     p = PRECISION_BYTES[precision]
-    est = Estimate(option, gpu, cpu, per_sample, cpu_load=hardware.gpus_per_node * shape.total * p,
+    # start-up host RAM: every local rank builds the whole model before DeepSpeed partitions it, except
+    # under ZeRO-3, which builds inside deepspeed.zero.Init and partitions module by module
+    built = shape.largest_layer if option.stage == 3 else shape.total
+    est = Estimate(option, gpu, cpu, per_sample, cpu_load=hardware.gpus_per_node * built * p,
                    budget=int(hardware.gpu_mem * (1 - margin)), micro_batch=micro_batch)
     cpu_ok = hardware.cpu_mem is None or est.cpu_total <= hardware.cpu_mem * (1 - margin)
     room = est.budget - est.static_gpu
@@ -474,8 +477,8 @@ def count_model(settings: Any) -> ModelShape:
                 drop_cls = settings.connector.type != "qformer" and vcfg.model_type != "siglip_vision_model"
             vision = VisionTower(encoder, vs.feature_layer, drop_cls)
             connector = build_connector(settings.connector, vision.hidden_size, llm_stack.hidden, vision.num_tokens)
-            vision_kwargs = dict(
-                vision=_stack_from_config(vcfg, vs.gradient_checkpointing, gated=False),
+            vision_kwargs = dict(  # the tower's own config: VisionTower drops layers after feature_layer
+                vision=_stack_from_config(vision.encoder.config, vs.gradient_checkpointing, gated=False),
                 vision_tokens=vision.num_tokens,
                 patch_elements=getattr(vcfg, "num_channels", 3) * vcfg.patch_size**2,
                 vision_trainable=vs.mode != "frozen",

@@ -78,9 +78,9 @@ class VisionTower(nn.Module):
                                   f"(or -1..-{len(layers) + 1}) for this {len(layers)}-layer tower")
             del layers[keep:]
             cfg.num_hidden_layers = keep
-        tower = getattr(encoder, "vision_model", None)
-        if getattr(tower, "use_head", False):
-            tower.use_head, tower.head, cfg.vision_use_head = False, None, False
+        for tower in (encoder, getattr(encoder, "vision_model", None)):  # flat (transformers 5) or nested
+            if getattr(tower, "use_head", False):
+                tower.use_head, tower.head, cfg.vision_use_head = False, None, False
         self.hidden_size = cfg.hidden_size
         self.image_size = cfg.image_size
         self.has_cls = hasattr(getattr(encoder, "embeddings", None), "class_embedding") or hasattr(
@@ -123,10 +123,10 @@ def build_vision(settings, connector_type: str, dtype: torch.dtype) -> tuple[Vis
         try:
             processor = AutoImageProcessor.from_pretrained(settings.path, backend="pil")
         except OSError:
-            processor = proc_cls(**_default_processor_kwargs(vcfg, settings.image_processor))
+            processor = proc_cls(**_default_processor_kwargs(proc_cls, vcfg, settings.image_processor))
     else:
         encoder = to_dtype(model_cls._from_config(vcfg, dtype=dtype), dtype)
-        processor = proc_cls(**_default_processor_kwargs(vcfg, settings.image_processor))
+        processor = proc_cls(**_default_processor_kwargs(proc_cls, vcfg, settings.image_processor))
     drop_cls = settings.drop_cls
     if drop_cls == "auto":  # LLaVA drops CLS before a linear/MLP projector; a Q-Former attends to it
         drop_cls = connector_type != "qformer" and vcfg.model_type != "siglip_vision_model"
@@ -134,8 +134,12 @@ def build_vision(settings, connector_type: str, dtype: torch.dtype) -> tuple[Vis
     return tower, ImageProcessor(processor)
 
 
-def _default_processor_kwargs(vcfg, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"size": {"height": vcfg.image_size, "width": vcfg.image_size}}
+def _default_processor_kwargs(proc_cls: type, vcfg, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Resize (and, for CLIP/BLIP, centre-crop) to the tower's own input size."""
+    square = {"height": vcfg.image_size, "width": vcfg.image_size}
+    kwargs: dict[str, Any] = {"size": square}
+    if getattr(proc_cls, "crop_size", None) is not None or getattr(proc_cls, "do_center_crop", False):
+        kwargs["crop_size"] = square
     kwargs.update(overrides or {})
     return kwargs
 

@@ -12,7 +12,6 @@ import difflib
 import json
 import logging
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -46,7 +45,8 @@ def train_command(config: str, stage: str, steps: int, nproc: int, run_dir: Path
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "zerovl", "train", str(config), *overrides, stage_option(stage).override,
             f"train.max_steps={steps}", "train.stop_after_steps=null", f"train.output_dir={run_dir}",
-            "train.resume=none", "train.save_every=0", "train.log_every=1", "train.eval_every=0", "data.val=null"]
+            "train.resume=none", "train.save_every=0", "train.save_final=false", "train.log_every=1",
+            "train.eval_every=0", "data.val=null"]
 
 
 def _median(values: list[float]) -> float | None:
@@ -152,8 +152,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
 
 
 def run_bench(config: str, stages: list[str], steps: int = 5, nproc: int = 2, out: str | None = None,
-              overrides: list[str] | None = None, timeout: int = 1800,
-              keep_checkpoints: bool = False) -> list[dict[str, Any]]:
+              overrides: list[str] | None = None, timeout: int = 1800) -> list[dict[str, Any]]:
     """Run every stage, print the table, write bench.json / bench.md / bench.png; returns the rows."""
     overrides = list(overrides or [])
     cfg = load_config(config, overrides)  # fail on a bad config before launching anything
@@ -188,8 +187,6 @@ def run_bench(config: str, stages: list[str], steps: int = 5, nproc: int = 2, ou
             row["status"] = f"failed (exit {code})"
             row["error"] = _last_error(run_dir / "bench.log")
             print(f"[bench] {stage} failed: {row['error']} (log: {run_dir / 'bench.log'})", flush=True)
-        if not keep_checkpoints and (run_dir / "checkpoints").is_dir():
-            shutil.rmtree(run_dir / "checkpoints")  # the final checkpoint train always writes
         results.append(row)
 
     meta = {"config": str(Path(config).absolute()), "steps": steps, "nproc": nproc, "overrides": overrides,

@@ -118,10 +118,11 @@ def format_plan(result: Plan, source: str = "", accumulation: int | None = None)
                      fmt_bytes(e.gpu_total), fmt_bytes(e.cpu_total), "yes" if e.fits else "no",
                      str(e.max_micro_batch)])
     lines.append(_table(headers, rows))
-    load = result.estimates[0].cpu_load
-    lines.append(f"host RAM includes the start-up peak: each of the {hw.gpus_per_node} local ranks builds the "
-                 f"whole model ({fmt_bytes(load)} for the node) before DeepSpeed partitions it; offloaded "
-                 "optimizer states and parameters are counted per node.")
+    load = next((e.cpu_load for e in result.estimates if e.option.stage < 3), 0)
+    lines.append(f"host RAM includes the start-up peak: with ZeRO-0/1/2 each of the {hw.gpus_per_node} local ranks "
+                 f"builds the whole model ({fmt_bytes(load)} for the node) before DeepSpeed takes it; ZeRO-3 builds "
+                 "it inside deepspeed.zero.Init, one module at a time. Offloaded optimizer states and parameters "
+                 "are counted per node.")
     for note in result.notes:
         lines.append(f"note: {note}")
     lines.append("")

@@ -27,7 +27,7 @@ from zerovl.data.dataset import build_dataset
 from zerovl.data.pipeline import build_train_data
 from zerovl.data.template import ChatTemplate
 from zerovl.engine import checkpoint
-from zerovl.engine.distributed import DistInfo, all_gather_floats, all_reduce_sum, init_distributed, shutdown
+from zerovl.engine.distributed import DistInfo, all_gather_floats, init_distributed, shutdown
 from zerovl.engine.ds_config import build_ds_config, zero_stage
 from zerovl.engine.metrics import MetricsLog, progress_bar
 from zerovl.engine.optim import param_groups
@@ -179,6 +179,7 @@ def train(cfg: Config) -> dict[str, Any]:
     engine.train()
     skipped = 0
     memory_warned = False
+    state_bytes = 0
     last_saved = step if resume_from is not None else -1
     stop_at = min(total_steps, cfg.train.stop_after_steps or total_steps)
     stop_signal = GracefulStop().install()
@@ -205,26 +206,28 @@ def train(cfg: Config) -> dict[str, Any]:
                 images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
             step += 1
             # one collective per step carries the global figures and any rank's stop signal
-            loss_sum, samples, tokens, images, stop = all_reduce_sum(
-                [loss_sum, samples, tokens, images, stop_signal.flag], dist.device)
+            state_bytes = state_bytes or optimizer_state_bytes(engine)  # Adam creates its state at step 1
+            # one collective per step: every rank's figures, memory and stop signal (a rank's SIGTERM
+            # thereby reaches all ranks at the same step)
+            per_rank = all_gather_floats([loss_sum, samples, tokens, images, stop_signal.flag,
+                                          peak_memory_bytes(), state_bytes], dist.device)
+            loss_sum, samples, tokens, images, stop = (sum(r[i] for r in per_rank) for i in range(5))
             elapsed = time.perf_counter() - started
             grad_norm = engine.get_global_grad_norm()
+            peaks = [int(r[5]) for r in per_rank]
             record = {"split": "train", "step": step, "epoch": stream.epoch, "consumed": stream.consumed,
                       "loss": loss_sum / (accum * dist.world_size), "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped_samples": skipped,
                       "data_wait_frac": timer.seconds["data"] / elapsed,
                       **{f"time_{k}": v for k, v in timer.seconds.items()}, "time_total": elapsed,
-                      **flops.figures(tokens, images, elapsed)}
+                      **flops.figures(tokens, images, elapsed),
+                      "peak_mem_bytes": peaks, "optimizer_state_bytes": [int(r[6]) for r in per_rank]}
+            if dist.is_main and not memory_warned and min(peaks) > 0 and max(peaks) > 1.3 * min(peaks):
+                memory_warned = True
+                log.warning("uneven memory: rank %d peaks at %.1f GiB, rank %d at %.1f GiB (>30%% apart)",
+                            peaks.index(max(peaks)), max(peaks) / 2**30, peaks.index(min(peaks)), min(peaks) / 2**30)
             if step % cfg.train.log_every == 0 or step == stop_at:
-                per_rank = all_gather_floats([peak_memory_bytes(), optimizer_state_bytes(engine)], dist.device)
-                record["peak_mem_bytes"] = [int(r[0]) for r in per_rank]
-                record["optimizer_state_bytes"] = [int(r[1]) for r in per_rank]
-                peaks = record["peak_mem_bytes"]
-                if dist.is_main and not memory_warned and min(peaks) > 0 and max(peaks) > 1.3 * min(peaks):
-                    memory_warned = True
-                    log.warning("uneven memory: rank %d peaks at %.1f GiB, rank %d at %.1f GiB (>30%% apart)",
-                                peaks.index(max(peaks)), max(peaks) / 2**30, peaks.index(min(peaks)), min(peaks) / 2**30)
                 metrics.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}",
@@ -241,7 +244,7 @@ def train(cfg: Config) -> dict[str, Any]:
     bar.close()
 
     # ---- finish ------------------------------------------------------------------------------
-    if last_saved != step:
+    if last_saved != step and (cfg.train.save_final or stop_signal.received or step < total_steps):
         save(step)
     result: dict[str, Any] = {"step": step}
     if stop_signal.received:
