@@ -49,12 +49,6 @@ class VisionSettings(_Strict):
     lora: LoraSettings = LoraSettings()
     gradient_checkpointing: bool = False
 
-    @model_validator(mode="after")
-    def _one_source(self) -> VisionSettings:
-        if (self.path is None) == (self.config is None):
-            raise ValueError("give exactly one of path (a local HF directory) or config (inline, random init)")
-        return self
-
 
 class ConnectorSettings(_Strict):
     """Maps vision features to LLM embeddings; fixes the number of image tokens per image."""
@@ -85,22 +79,63 @@ class LLMSettings(_Strict):
     lora: LoraSettings = LoraSettings()
     gradient_checkpointing: bool = False
 
+
+class NativeSettings(_Strict):
+    """A ready HF vision-language model (Qwen2-VL, Qwen2.5-VL) loaded with transformers'
+    image-text-to-text auto class; model.vision / connector / llm then only set per-part training
+    modes, mapped onto its vision blocks, its merger and its language model."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    min_pixels: int = Field(56 * 56, gt=0, description="dynamic resolution: images are resized into [min, max] pixels")
+    max_pixels: int = Field(28 * 28 * 1280, gt=0)
+
     @model_validator(mode="after")
-    def _one_source(self) -> LLMSettings:
-        if (self.path is None) == (self.config is None):
-            raise ValueError("give exactly one of path (a local HF directory) or config (inline, random init)")
+    def _pixel_range(self) -> NativeSettings:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
         return self
 
 
+def _one_source(part: str, settings: Any) -> None:
+    if (settings.path is None) == (settings.config is None):
+        raise ValueError(f"model.{part}: give exactly one of path (a local HF directory) or config "
+                         "(inline, random init)")
+
+
 class ModelSettings(_Strict):
+    native: NativeSettings | None = None
     vision: VisionSettings | None = None
     connector: ConnectorSettings = ConnectorSettings()
-    llm: LLMSettings
-    tokenizer: str | None = Field(None, description="tokenizer directory; defaults to llm.path")
+    llm: LLMSettings = LLMSettings()
+    tokenizer: str | None = Field(None, description="tokenizer directory; defaults to llm.path (or native.path)")
     image_token: str = "<image>"
 
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or (self.native.path if self.native is not None else self.llm.path)
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None or self.native is not None
+
     @model_validator(mode="after")
-    def _tokenizer_source(self) -> ModelSettings:
+    def _sources(self) -> ModelSettings:
+        if self.native is not None:
+            _one_source("native", self.native)
+            for part in ("vision", "llm"):
+                settings = getattr(self, part)
+                if settings is not None and (settings.path or settings.config):
+                    raise ValueError(f"model.{part}.path/config: with model.native the parts come from the native "
+                                     f"model; model.{part} only sets mode, lr, lora and gradient_checkpointing")
+            if self.connector.path is not None:
+                raise ValueError("model.connector.path: with model.native the merger comes from the native model")
+            if self.tokenizer is None and self.native.path is None:
+                raise ValueError("model.tokenizer is required when the native model is built from an inline config")
+            return self
+        _one_source("llm", self.llm)
+        if self.vision is not None:
+            _one_source("vision", self.vision)
         if self.tokenizer is None and self.llm.path is None:
             raise ValueError("model.tokenizer is required when the LLM is built from an inline config")
         return self
@@ -291,6 +326,7 @@ class Config(_Strict):
 _PATH_FIELDS = (
     ("model", "vision", "path"),
     ("model", "connector", "path"),
+    ("model", "native", "path"),
     ("model", "llm", "path"),
     ("model", "tokenizer"),
     ("data", "train"),

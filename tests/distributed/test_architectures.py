@@ -21,8 +21,15 @@ QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, inter
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, scenes):
     """Local HF directories, as a user would have them on disk."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Blip2Config,
-                              Blip2ForConditionalGeneration, CLIPVisionConfig, CLIPVisionModel)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+    )
 
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
@@ -110,3 +117,47 @@ def test_text_only_llm_on_8k_token_samples(tmp_path, scenes, checkpoints):
     steps, _ = metrics(tmp_path / "run")
     assert len(steps) == 2
     assert all(r["tokens_per_s"] * r["time_total"] >= 2 * 8000 for r in steps)  # 2 ranks x ~8,160 tokens
+
+
+@pytest.fixture(scope="module")
+def qwen2vl_dir(tmp_path_factory, scenes):
+    """A tiny random-init Qwen2-VL saved as a local directory with its tokenizer, as downloaded ones are."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedTokenizerFast
+
+    from zerovl.models.native import IMAGE_PAD, VISION_END, VISION_START
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(scenes["tokenizer"])
+    tokenizer.add_tokens([VISION_START, IMAGE_PAD, VISION_END], special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids([VISION_START, IMAGE_PAD, VISION_END])
+    config = AutoConfig.for_model(
+        "qwen2_vl", text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                     rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14),
+        vision_start_token_id=ids[0], image_token_id=ids[1], vision_end_token_id=ids[2], video_token_id=0)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf") / "qwen2vl"
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["zero3", "zero2"])
+def test_native_qwen2vl_mixed_batches(tmp_path, scenes, mixed_data, qwen2vl_dir, preset):
+    """Qwen2-VL from a local directory through AutoModelForImageTextToText, dynamic resolution, LoRA on the
+    language model, merger trained, vision frozen; rank 0 text-only and rank 1 images at first."""
+    cfg = {
+        "model": {"native": {"path": str(qwen2vl_dir), "min_pixels": 28 * 28 * 4, "max_pixels": 56 * 56},
+                  "vision": {"mode": "frozen"}, "connector": {"mode": "full"},
+                  "llm": {"mode": "lora", "lora": {"r": 4, "alpha": 8}}},
+        "data": {"train": str(mixed_data), "max_length": 96, "num_workers": 0, "shuffle": False},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "micro_batch_size": 2, "lr": 1e-3,
+                  "precision": "fp32", "save_every": 0},
+        "deepspeed": preset,
+    }
+    check(run(["train", str(write_config(cfg, tmp_path / "cfg.yaml"))], timeout=400))
+    steps, _ = metrics(tmp_path / "run")
+    assert len(steps) == 4 and all(r["loss"] > 0 for r in steps)
+    weights = consolidated_state_dict(find_resume(tmp_path / "run"))
+    assert any("lora_" in k for k in weights) and any(".merger." in k for k in weights)
+    assert not any(".visual.blocks." in k for k in weights)  # frozen vision blocks: trainable-only checkpoint

@@ -14,7 +14,8 @@ from zerovl.data.cache import open_cache, prepare_cache
 from zerovl.data.dataset import ChatDataset
 from zerovl.data.samples import read_messages_jsonl
 from zerovl.errors import DataError
-from zerovl.recipes.data import text_template, tokens_per_image
+from zerovl.models.builder import text_side
+from zerovl.recipes.data import text_template
 
 
 @pytest.fixture
@@ -140,4 +141,4 @@ def test_tokens_per_image_from_configs_matches_the_built_model(scenes, tmp_path,
         "vision": {"config": vision, "mode": "full"}, "connector": connector,
         "llm": {"config": tiny_config(scenes, tmp_path)["model"]["llm"]["config"], "mode": "full"},
         "tokenizer": str(scenes["tokenizer"])}))
-    assert tokens_per_image(cfg.model) == build_model(cfg.model, "fp32").tokens_per_image
+    assert text_side(cfg.model)[1] == build_model(cfg.model, "fp32").tokens_per_image

@@ -88,7 +88,7 @@ def fingerprint(template: ChatTemplate, data: DataSettings, tokenizer_dir: str) 
         "tokenizer_sha256": tokenizer_digest(tokenizer_dir),
         "chat_template": template.chat_template or tokenizer.chat_template,
         "image_token": template.image_token,
-        "tokens_per_image": template.tokens_per_image,
+        "tokens_per_image": template.image_token_spec,
         "system_prompt": template.system_prompt,
         "max_length": data.max_length,
         "too_long": data.too_long,
@@ -153,7 +153,7 @@ def _write_shard(task: ShardTask, out_dir: str) -> dict[str, Any]:
     samples = _worker_settings["samples"][task.dataset][task.start : task.stop]
     kept, encoded = encode_samples(samples, template, data.max_length, data.too_long, data.skip_bad_samples,
                                    _worker_settings["has_vision"], dropped)
-    part = TokenPart.from_encoded(encoded, template.tokens_per_image)
+    part = TokenPart.from_encoded(encoded)
     final = Path(out_dir) / task.name
     tmp = Path(out_dir) / f".{task.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

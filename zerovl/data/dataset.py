@@ -234,7 +234,7 @@ class ChatDataset(TokenizedDataset):
         self.samples, encoded = encode_samples(samples, template, max_length, too_long, skip_bad_samples,
                                                image_processor is not None, dropped)
         self.template = template
-        tokens = TokenTable([TokenPart.from_encoded(encoded, template.tokens_per_image)])
+        tokens = TokenTable([TokenPart.from_encoded(encoded)])
         super().__init__(tokens, [s.images for s in self.samples], [s.source for s in self.samples],
                          image_processor, max_pixels, skip_bad_samples, dropped=dropped, name=name)
         if self.dropped:

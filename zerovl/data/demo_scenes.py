@@ -61,7 +61,8 @@ def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float 
     cell = size / 3
     for obj in scene:
         # one object per cell of a 3x3 grid, jittered a little, never crossing its cell
-        r = (radius + rng.uniform(-0.06, 0.06) * jitter) * cell
+        base = radius[obj.shape] if isinstance(radius, dict) else radius
+        r = (base + rng.uniform(-0.06, 0.06) * jitter) * cell
         cx = (obj.slot + 0.5 + rng.uniform(-0.08, 0.08) * jitter) * cell
         cy = (obj.row + 0.5 + rng.uniform(-0.08, 0.08) * jitter) * cell
         if tile:  # a light tile of the object's colour behind it

@@ -1,14 +1,17 @@
 """Turn a chat Sample into token ids and assistant-only labels.
 
 The tokenizer's own chat template renders the text (``apply_chat_template``); tokenizers without one
-get ChatML. Each ``<image>`` tag becomes ``tokens_per_image`` copies of the image token, which the
-model later overwrites with projected image features. Labels are ``-100`` everywhere except on the
+get ChatML. Each ``<image>`` tag becomes that image's number of image tokens — fixed by the connector
+for composed models, or computed from the image size for dynamic-resolution native models (Qwen2-VL,
+whose tokens are also wrapped in vision start/end tokens) — which the model later overwrites with
+image features. Labels are ``-100`` everywhere except on the
 assistant replies (content and end-of-turn token), found by rendering conversation prefixes and
 mapping their character spans onto tokens through the fast tokenizer's offsets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from zerovl.data.samples import IMAGE_TAG, Sample
@@ -29,6 +32,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     num_images: int
+    image_tokens: int = 0  # image tokens in input_ids (all images of the sample)
 
 
 class TooLong(Exception):
@@ -40,7 +44,11 @@ class TooLong(Exception):
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer, image_token: str, tokens_per_image: int, system_prompt: str | None = None):
+    """``tokens_per_image``: an int, or a callable image path -> token count (dynamic resolution);
+    ``image_text``: the text one image becomes, given its token count (default: the image token repeated)."""
+
+    def __init__(self, tokenizer, image_token: str, tokens_per_image: int | Callable[[str], int],
+                 system_prompt: str | None = None, image_text: Callable[[int], str] | None = None):
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("model.tokenizer must be a fast (Rust) tokenizer: label masking needs offsets")
         self.tokenizer = tokenizer
@@ -49,18 +57,51 @@ class ChatTemplate:
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ConfigError(f"model.image_token {image_token!r} is not a token of the tokenizer")
         self.tokens_per_image = tokens_per_image
+        self.image_text = image_text or (lambda count: image_token * count)
+        self._image_span_ids = set(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(self.image_text(1))))
         self.system_prompt = system_prompt
         self.chat_template = None if tokenizer.chat_template else CHATML_TEMPLATE
 
     # -- rendering -----------------------------------------------------------------------------
-    def _messages(self, sample: Sample) -> list[dict[str, str]]:
+    @property
+    def image_token_spec(self) -> str:
+        """What decides image token counts (part of the pre-tokenized cache's fingerprint)."""
+        spec = self.tokens_per_image
+        return str(spec) if isinstance(spec, int) else spec.describe()
+
+    def image_counts(self, sample: Sample) -> list[int]:
+        if isinstance(self.tokens_per_image, int):
+            return [self.tokens_per_image] * len(sample.images)
+        counts = []
+        for path in sample.images:
+            try:
+                counts.append(self.tokens_per_image(path))
+            except FileNotFoundError:
+                raise DataError(f"{sample.source}: image {path} not found") from None
+            except OSError as e:
+                raise DataError(f"{sample.source}: image {path} cannot be read ({e.__class__.__name__})") from None
+        return counts
+
+    def _messages(self, sample: Sample) -> tuple[list[dict[str, str]], int]:
+        """Messages with image tags expanded, and the total number of image tokens."""
         msgs = [dict(role=m["role"], content=m["content"]) for m in sample.messages]
         if self.system_prompt is not None and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
-        expanded = self.image_token * self.tokens_per_image
+        tags = sum(m["content"].count(IMAGE_TAG) for m in msgs)
+        if tags != len(sample.images):
+            raise DataError(f"{sample.source}: {tags} {IMAGE_TAG} tag(s) in the text but {len(sample.images)} "
+                            f"image(s); put one {IMAGE_TAG} where each image belongs")
+        counts = iter(self.image_counts(sample))
+        total = 0
         for m in msgs:
-            m["content"] = m["content"].replace(IMAGE_TAG, expanded)
-        return msgs
+            pieces = m["content"].split(IMAGE_TAG)
+            text = pieces[0]
+            for piece in pieces[1:]:
+                count = next(counts)
+                total += count
+                text += self.image_text(count) + piece
+            m["content"] = text
+        return msgs, total
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -92,7 +133,7 @@ class ChatTemplate:
     # -- encoding ------------------------------------------------------------------------------
     def encode(self, sample: Sample, max_length: int | None = None) -> Encoded:
         """Token ids and labels for training. Raises TooLong if max_length would cut an image."""
-        msgs = self._messages(sample)
+        msgs, image_tokens = self._messages(sample)
         full = self.render(msgs)
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -104,31 +145,30 @@ class ChatTemplate:
                 span_i += 1
             if span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1] and end > start:
                 labels[t] = ids[t]
-        self._check_image_tokens(ids, len(sample.images), sample.source)
+        self._check_image_tokens(ids, image_tokens, len(sample.images), sample.source)
         if max_length is not None and len(ids) > max_length:
-            image_positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+            image_positions = [i for i, t in enumerate(ids) if t in self._image_span_ids]
             if image_positions and image_positions[-1] >= max_length:
                 raise TooLong("image_tokens_cut")
             ids, labels = ids[:max_length], labels[:max_length]
         if all(lab == IGNORE_INDEX for lab in labels):
             raise TooLong("no_supervised_tokens")
-        return Encoded(ids, labels, len(sample.images))
+        return Encoded(ids, labels, len(sample.images), image_tokens)
 
     def encode_prompt(self, sample: Sample) -> list[int]:
         """Ids of the conversation up to (not including) the last assistant reply, ready to generate."""
-        msgs = self._messages(sample)
+        msgs, image_tokens = self._messages(sample)
         if msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
         text = self.render(msgs, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        self._check_image_tokens(ids, len(sample.images), sample.source)
+        self._check_image_tokens(ids, image_tokens, len(sample.images), sample.source)
         return ids
 
-    def _check_image_tokens(self, ids: list[int], num_images: int, source: str) -> None:
+    def _check_image_tokens(self, ids: list[int], expected: int, num_images: int, source: str) -> None:
         found = sum(1 for t in ids if t == self.image_token_id)
-        expected = num_images * self.tokens_per_image
         if found != expected:
             raise DataError(
-                f"{source}: {found} image tokens after templating but {num_images} image(s) x "
-                f"{self.tokens_per_image} tokens = {expected}; is {self.image_token!r} also in the plain text?"
+                f"{source}: {found} image tokens after templating but {num_images} image(s) should give "
+                f"{expected}; is {self.image_token!r} also in the plain text?"
             )

@@ -22,20 +22,20 @@ class TokenPart:
     ids: np.ndarray  # int32, every sample's ids back to back
     supervised: np.ndarray  # uint8, 1 where the label is the id itself
     offsets: np.ndarray  # int64, num_samples + 1
-    image_tokens: np.ndarray  # int32, image tokens per sample (images x tokens_per_image)
+    image_tokens: np.ndarray  # int32, image tokens per sample
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     @classmethod
-    def from_encoded(cls, encoded: Sequence[Encoded], tokens_per_image: int) -> TokenPart:
+    def from_encoded(cls, encoded: Sequence[Encoded]) -> TokenPart:
         lengths = np.fromiter((len(e.input_ids) for e in encoded), dtype=np.int64, count=len(encoded))
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = np.fromiter((t for e in encoded for t in e.input_ids), dtype=np.int32, count=int(offsets[-1]))
         supervised = np.fromiter((lab != IGNORE_INDEX for e in encoded for lab in e.labels), dtype=np.uint8,
                                  count=int(offsets[-1]))
-        images = np.fromiter((e.num_images * tokens_per_image for e in encoded), dtype=np.int32, count=len(encoded))
+        images = np.fromiter((e.image_tokens for e in encoded), dtype=np.int32, count=len(encoded))
         return cls(ids, supervised, offsets, images)
 
 

@@ -12,14 +12,14 @@ def no_decay(name: str, param) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
-def param_groups(parts: dict[str, nn.Module], part_lrs: dict[str, float],
+def param_groups(parts: dict[str, list[tuple[str, nn.Parameter]]], part_lrs: dict[str, float],
                  weight_decay: float) -> list[dict[str, Any]]:
     """Groups named ``<part>.decay`` / ``<part>.no_decay`` holding only trainable parameters.
     Each group keeps its ``base_lr``, which the schedule scales every step."""
     groups = []
-    for part, module in parts.items():
+    for part, named in parts.items():
         decay, plain = [], []
-        for name, p in module.named_parameters():
+        for name, p in named:
             if p.requires_grad:
                 (plain if no_decay(name, p) else decay).append(p)
         lr = part_lrs[part]

@@ -41,7 +41,7 @@ def load_trained(run_or_ckpt: str | Path, precision: str = "fp32") -> tuple[Conf
     run_dir, ckpt = split_run_and_checkpoint(run_or_ckpt)
     cfg = load_config(run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)  # frozen random-init parts are re-created exactly as in training
-    built = build_model(cfg.model, precision)
+    built = build_model(cfg.model, precision, cfg.data.max_pixels)
     state = checkpoint.consolidated_state_dict(ckpt)
     dtype = next(built.model.parameters()).dtype
     missing, unexpected = built.model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
@@ -65,10 +65,10 @@ def load_export(export_dir: str | Path, precision: str = "fp32") -> tuple[ModelS
     manifest = json.loads(manifest_path.read_text())
     model = manifest["model"]
     # paths are stored relative to the export so the directory can be moved or copied
-    model["llm"]["path"] = str(export_dir / model["llm"]["path"])
+    for part in ("llm", "vision", "native"):
+        if (model.get(part) or {}).get("path"):
+            model[part]["path"] = str(export_dir / model[part]["path"])
     model["tokenizer"] = str(export_dir / model["tokenizer"])
-    if model.get("vision"):
-        model["vision"]["path"] = str(export_dir / model["vision"]["path"])
     settings = ModelSettings.model_validate(model)
     built = build_model(settings, precision)
     adapter = export_dir / "llm_adapter"
@@ -76,7 +76,7 @@ def load_export(export_dir: str | Path, precision: str = "fp32") -> tuple[ModelS
         from peft import PeftModel
 
         built.model.llm = PeftModel.from_pretrained(built.model.llm, str(adapter)).merge_and_unload()
-    if built.model.connector is not None:
+    if getattr(built.model, "connector", None) is not None:
         built.model.connector.load_state_dict(load_file(str(export_dir / CONNECTOR_FILE)))
     built.model.eval()
     return settings, built, manifest

@@ -88,33 +88,31 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class FlopCounter:
-    """Model FLOPs per step from parameter counts of the vision tower, connector and LLM and the step's
-    token counts; MFU = achieved / device peak (GPU only, or train.peak_tflops)."""
+    """Model FLOPs per step from the parameter counts of the vision tower, connector and LLM and the
+    step's token counts (vision-tower tokens and text tokens); MFU = achieved / device peak (GPU only,
+    or train.peak_tflops)."""
 
-    def __init__(self, model, peak_tflops: float | None, device: torch.device, world_size: int = 1):
-        def counts(module) -> tuple[int, int]:
-            if module is None:
-                return 0, 0
-            params = list(module.parameters())
+    def __init__(self, parts: dict[str, list[tuple[str, torch.nn.Parameter]]], peak_tflops: float | None,
+                 device: torch.device, world_size: int = 1):
+        def counts(part: str) -> tuple[int, int]:
+            params = [p for _, p in parts.get(part, [])]
             return sum(full_numel(p) for p in params), sum(full_numel(p) for p in params if p.requires_grad)
 
-        self.vision, self.vision_trainable = counts(model.vision)
-        self.connector, self.connector_trainable = counts(model.connector)
-        self.llm, self.llm_trainable = counts(model.llm)
-        self.vision_tokens = model.vision.num_tokens if model.vision is not None else 0
-        vision_grad = self.vision_trainable > 0
-        connector_grad = vision_grad or self.connector_trainable > 0
-        llm_grad = connector_grad or self.llm_trainable > 0
-        self.per_image = self.vision_tokens * (
-            part_flops_per_token(self.vision, self.vision_trainable, vision_grad)
-            + part_flops_per_token(self.connector, self.connector_trainable, connector_grad))
-        self.per_text_token = part_flops_per_token(self.llm, self.llm_trainable, llm_grad)
+        vision, vision_trainable = counts("vision")
+        connector, connector_trainable = counts("connector")
+        llm, llm_trainable = counts("llm")
+        vision_grad = vision_trainable > 0
+        connector_grad = vision_grad or connector_trainable > 0
+        llm_grad = connector_grad or llm_trainable > 0
+        self.per_vision_token = (part_flops_per_token(vision, vision_trainable, vision_grad)
+                                 + part_flops_per_token(connector, connector_trainable, connector_grad))
+        self.per_text_token = part_flops_per_token(llm, llm_trainable, llm_grad)
         self.peak = peak_tflops * 1e12 if peak_tflops else peak_flops(device)
         self.world_size = world_size
 
-    def figures(self, tokens: float, images: float, seconds: float) -> dict[str, float]:
-        """``tokens`` and ``images`` summed over all ranks for one step of ``seconds``."""
-        achieved = (tokens * self.per_text_token + images * self.per_image) / max(seconds, 1e-9)
+    def figures(self, text_tokens: float, vision_tokens: float, seconds: float) -> dict[str, float]:
+        """Token counts summed over all ranks for one step of ``seconds``."""
+        achieved = (text_tokens * self.per_text_token + vision_tokens * self.per_vision_token) / max(seconds, 1e-9)
         out = {"model_tflops_per_s": achieved / 1e12}
         if self.peak:
             out["mfu"] = achieved / (self.peak * self.world_size)

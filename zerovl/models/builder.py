@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,8 @@ from torch import nn
 from zerovl.config import LoraSettings, ModelSettings
 from zerovl.errors import ConfigError
 from zerovl.models.connectors import build_connector, projection
-from zerovl.models.vision import ImageProcessor, build_vision
+from zerovl.models.native import IMAGE_PAD, VISION_END, VISION_START, NativeVLM, build_native, image_text
+from zerovl.models.vision import build_vision
 from zerovl.models.vlm import ComposedVLM
 from zerovl.models.weights import to_dtype
 
@@ -25,10 +27,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
 class BuiltModel:
-    model: ComposedVLM
+    model: ComposedVLM | NativeVLM
     tokenizer: object
-    image_processor: ImageProcessor | None
-    tokens_per_image: int
+    image_processor: Callable[[list], dict[str, torch.Tensor]] | None
+    tokens_per_image: int | Callable[[str], int]  # fixed by the connector, or per image (dynamic resolution)
+    image_token: str
+    image_text: Callable[[int], str] | None = None  # the text one image becomes (default: the token repeated)
+
+    def template(self, system_prompt: str | None = None):
+        from zerovl.data.template import ChatTemplate
+
+        return ChatTemplate(self.tokenizer, self.image_token, self.tokens_per_image, system_prompt, self.image_text)
 
 
 def _declared_generic(path: str) -> bool:
@@ -45,15 +54,16 @@ def _declared_generic(path: str) -> bool:
 def load_tokenizer(settings: ModelSettings):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = settings.tokenizer or settings.llm.path
+    path = settings.tokenizer_path
     try:
         loader = PreTrainedTokenizerFast if _declared_generic(path) else AutoTokenizer
         tokenizer = loader.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path} ({e.__class__.__name__})") from None
-    image_id = tokenizer.convert_tokens_to_ids(settings.image_token)
-    if image_id is None or image_id == tokenizer.unk_token_id:
-        tokenizer.add_tokens([settings.image_token], special_tokens=True)
+    needed = [VISION_START, IMAGE_PAD, VISION_END] if settings.native is not None else [settings.image_token]
+    missing = [t for t in needed if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -65,6 +75,17 @@ def import_model_classes(settings: ModelSettings) -> None:
     from transformers import AutoConfig, Blip2QFormerModel  # noqa: F401
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    if settings.native is not None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+        native = settings.native
+        if native.path is not None:
+            config = AutoConfig.from_pretrained(native.path)
+        else:
+            inline = dict(native.config)
+            config = AutoConfig.for_model(inline.pop("model_type", "qwen2_vl"), **inline)
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+        return
     llm = settings.llm
     if llm.path is not None:
         config = AutoConfig.from_pretrained(llm.path)
@@ -94,9 +115,13 @@ def build_llm(settings, dtype: torch.dtype) -> nn.Module:
     return to_dtype(AutoModelForCausalLM.from_config(cfg, dtype=dtype), dtype)
 
 
-def build_model(settings: ModelSettings, precision: str = "fp32") -> BuiltModel:
+def build_model(settings: ModelSettings, precision: str = "fp32", data_max_pixels: int = 1024 * 1024) -> BuiltModel:
     dtype = DTYPES[precision]
     tokenizer = load_tokenizer(settings)
+    if settings.native is not None:
+        model, processor, tokens = build_native(settings, tokenizer, dtype, data_max_pixels)
+        apply_native_training_modes(model, settings)
+        return BuiltModel(model, tokenizer, processor, tokens, IMAGE_PAD, image_text)
     llm = build_llm(settings.llm, dtype)
     if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tokenizer))
@@ -115,7 +140,7 @@ def build_model(settings: ModelSettings, precision: str = "fp32") -> BuiltModel:
         connector_trainable=settings.connector.mode != "frozen",
     )
     apply_training_modes(model, settings)
-    return BuiltModel(model, tokenizer, processor, model.tokens_per_image)
+    return BuiltModel(model, tokenizer, processor, model.tokens_per_image, settings.image_token)
 
 
 def _lora(module: nn.Module, lora: LoraSettings, causal_lm: bool) -> nn.Module:
@@ -157,6 +182,83 @@ def apply_training_modes(model: ComposedVLM, settings: ModelSettings) -> None:
         raise ConfigError("every part is frozen: set model.<part>.mode to full or lora for something to train")
 
 
-def model_parts(model: ComposedVLM) -> dict[str, nn.Module]:
+def apply_native_training_modes(model: NativeVLM, settings: ModelSettings) -> None:
+    """The same per-part switches on a native model: vision = its vision blocks, connector = its
+    merger, llm = its language model and head. LoRA goes through one peft wrapper with per-part ranks."""
+    modes = {"vision": settings.vision.mode if settings.vision else "frozen",
+             "connector": settings.connector.mode, "llm": settings.llm.mode}
+    if modes["connector"] == "projection":
+        raise ConfigError("model.connector.mode=projection applies to composed models; use full or frozen")
+    visual, language = model.base.model.visual, model.base.model.language_model
+    if settings.vision is not None and settings.vision.gradient_checkpointing:
+        _enable_checkpointing(visual, "vision")
+    if settings.llm.gradient_checkpointing:
+        _enable_checkpointing(language, "llm")
+    lora_parts = {part: (settings.vision if part == "vision" else settings.llm).lora
+                  for part in ("vision", "llm") if modes[part] == "lora"}
+    if lora_parts:
+        from peft import LoraConfig, get_peft_model
+
+        targets, ranks, alphas = [], {}, {}
+        for part, lora in lora_parts.items():
+            names = model.part_modules(part)
+            if lora.target_modules != "all-linear":
+                wanted = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+                names = [n for n in names if n.rsplit(".", 1)[-1] in wanted]
+            targets += names
+            ranks.update({n: lora.r for n in names})
+            alphas.update({n: lora.alpha for n in names})
+        first = next(iter(lora_parts.values()))
+        config = LoraConfig(r=first.r, lora_alpha=first.alpha, lora_dropout=first.dropout, target_modules=targets,
+                            rank_pattern=ranks, alpha_pattern=alphas)
+        model.hf = get_peft_model(model.hf, config)
+    for part, params in model.parts().items():  # after peft, which freezes everything but its adapters
+        for name, p in params:
+            p.requires_grad_(modes[part] == "full" or (modes[part] == "lora" and "lora_" in name))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("every part is frozen: set model.<part>.mode to full or lora for something to train")
+
+
+def text_side(settings: ModelSettings, data_max_pixels: int = 1024 * 1024):
+    """(tokenizer, tokens_per_image, image_token, image_text) from configs alone — what the chat template
+    needs — without loading weights (composed towers are built on the meta device)."""
+    tokenizer = load_tokenizer(settings)
+    if settings.native is not None:
+        from transformers import AutoConfig
+
+        from zerovl.models.native import NativeImageTokens
+
+        native = settings.native
+        if native.path is not None:
+            vcfg = AutoConfig.from_pretrained(native.path).vision_config
+        else:
+            inline = dict(native.config)
+            vcfg = AutoConfig.for_model(inline.pop("model_type", "qwen2_vl"), **inline).vision_config
+        tokens = NativeImageTokens(vcfg.patch_size, vcfg.spatial_merge_size, native.min_pixels, native.max_pixels,
+                                   data_max_pixels)
+        return tokenizer, tokens, IMAGE_PAD, image_text
+    if settings.vision is None:
+        return tokenizer, 0, settings.image_token, None
+    if settings.connector.type == "qformer":
+        count = settings.connector.num_query_tokens
+        if settings.connector.path is not None:
+            from transformers import Blip2Config
+
+            count = Blip2Config.from_pretrained(settings.connector.path).num_query_tokens
+        return tokenizer, count, settings.image_token, None
+    from zerovl.models.vision import VisionTower, resolve_drop_cls, tower_classes, vision_config_from
+
+    vcfg = vision_config_from(settings.vision.path, settings.vision.config)
+    with torch.device("meta"):
+        encoder = tower_classes(vcfg.model_type)[0](vcfg)
+    tower = VisionTower(encoder, settings.vision.feature_layer, resolve_drop_cls(settings.vision.drop_cls,
+                                                                                 settings.connector.type, vcfg))
+    return tokenizer, tower.num_tokens, settings.image_token, None
+
+
+def named_parts(model: ComposedVLM | NativeVLM) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Parameters by part (vision, connector, llm) — what per-part learning rates and reports address."""
+    if isinstance(model, NativeVLM):
+        return model.parts()
     parts = {"vision": model.vision, "connector": model.connector, "llm": model.llm}
-    return {k: v for k, v in parts.items() if v is not None}
+    return {k: list(v.named_parameters()) for k, v in parts.items() if v is not None}

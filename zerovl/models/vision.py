@@ -103,6 +103,14 @@ class VisionTower(nn.Module):
         return features[:, 1:] if self.drop_cls else features
 
 
+def resolve_drop_cls(drop_cls: str | bool, connector_type: str, vcfg) -> bool:
+    """``auto``: LLaVA drops the CLS token before a linear/MLP projector; a Q-Former attends to it,
+    and SigLIP has none."""
+    if drop_cls != "auto":
+        return bool(drop_cls)
+    return connector_type != "qformer" and vcfg.model_type != "siglip_vision_model"
+
+
 class ImageProcessor:
     """Picklable callable (DataLoader workers): list of PIL images -> {"pixel_values": Tensor}."""
 
@@ -127,10 +135,7 @@ def build_vision(settings, connector_type: str, dtype: torch.dtype) -> tuple[Vis
     else:
         encoder = to_dtype(model_cls._from_config(vcfg, dtype=dtype), dtype)
         processor = proc_cls(**_default_processor_kwargs(proc_cls, vcfg, settings.image_processor))
-    drop_cls = settings.drop_cls
-    if drop_cls == "auto":  # LLaVA drops CLS before a linear/MLP projector; a Q-Former attends to it
-        drop_cls = connector_type != "qformer" and vcfg.model_type != "siglip_vision_model"
-    tower = VisionTower(encoder, settings.feature_layer, drop_cls)
+    tower = VisionTower(encoder, settings.feature_layer, resolve_drop_cls(settings.drop_cls, connector_type, vcfg))
     return tower, ImageProcessor(processor)
 
 

@@ -32,6 +32,11 @@ class ComposedVLM(nn.Module):
     def tokens_per_image(self) -> int:
         return self.connector.tokens_per_image if self.connector is not None else 0
 
+    def vision_token_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens the vision tower processes in a batch (for FLOP counting)."""
+        pixels = batch.get("pixel_values")
+        return int(pixels.shape[0]) * self.vision.num_tokens if pixels is not None and self.vision is not None else 0
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, tokens_per_image, llm_hidden). A frozen tower keeps no activations."""
         with contextlib.nullcontext() if self.vision_trainable else torch.no_grad():

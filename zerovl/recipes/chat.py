@@ -24,14 +24,12 @@ class Chatbot:
     @classmethod
     def from_run(cls, run_or_ckpt: str | Path) -> Chatbot:
         cfg, built, _ = load_trained(run_or_ckpt)
-        template = ChatTemplate(built.tokenizer, cfg.model.image_token, built.tokens_per_image,
-                                cfg.data.system_prompt)
-        return cls(built, template, cfg.data.max_pixels)
+        return cls(built, built.template(cfg.data.system_prompt), cfg.data.max_pixels)
 
     @classmethod
     def from_export(cls, export_dir: str | Path, max_pixels: int = 1024 * 1024) -> Chatbot:
-        settings, built, _ = load_export(export_dir)
-        return cls(built, ChatTemplate(built.tokenizer, settings.image_token, built.tokens_per_image), max_pixels)
+        _, built, _ = load_export(export_dir)
+        return cls(built, built.template(), max_pixels)
 
     @torch.no_grad()
     def answer(self, question: str, images: list[str] = (), max_new_tokens: int = 64,
@@ -42,11 +40,10 @@ class Chatbot:
         messages = list(history or []) + [{"role": "user", "content": content}]
         sample = Sample(messages=messages, images=list(images), source="chat")
         ids, mask = left_pad([self.template.encode_prompt(sample)], self.built.tokenizer.pad_token_id)
-        pixel_values = None
+        vision = {}
         if images:
-            loaded = [load_image(p, self.max_pixels, "chat") for p in images]
-            pixel_values = self.built.image_processor(loaded)["pixel_values"]
+            vision = self.built.image_processor([load_image(p, self.max_pixels, "chat") for p in images])
         tok = self.built.tokenizer
-        out = self.built.model.generate(ids, mask, pixel_values, max_new_tokens=max_new_tokens, do_sample=False,
+        out = self.built.model.generate(ids, mask, **vision, max_new_tokens=max_new_tokens, do_sample=False,
                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         return tok.decode(out[0], skip_special_tokens=True).strip()

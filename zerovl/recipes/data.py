@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from zerovl.config import Config, DatasetSpec, DataSettings, ModelSettings
+from zerovl.config import Config, DatasetSpec, DataSettings
 from zerovl.data.cache import PrepareResult, prepare_cache
 from zerovl.data.images import image_problem
 from zerovl.data.plan import mixture_counts
@@ -32,45 +31,24 @@ from zerovl.data.readers import ReadReport, iter_dataset
 from zerovl.data.samples import Sample
 from zerovl.data.template import IGNORE_INDEX, ChatTemplate
 from zerovl.errors import DataError
-from zerovl.models.builder import load_tokenizer
+from zerovl.models.builder import text_side
 
 log = logging.getLogger("zerovl.data")
 MAX_EXAMPLES = 5
 
 
 # -- the text side of the model, without weights -------------------------------------------------------
-def tokens_per_image(model: ModelSettings) -> int:
-    """Image tokens the connector emits per image, from configs alone (the tower is built on the meta
-    device). Training checks the cache against the real model's figure, so a mismatch cannot slip by."""
-    if model.vision is None:
-        return 0
-    if model.connector.type == "qformer":
-        return model.connector.num_query_tokens
-    from zerovl.models.vision import VisionTower, tower_classes, vision_config_from
-
-    vcfg = vision_config_from(model.vision.path, model.vision.config)
-    model_cls, _ = tower_classes(vcfg.model_type)
-    with torch.device("meta"):
-        encoder = model_cls(vcfg)
-    drop_cls = model.vision.drop_cls
-    if drop_cls == "auto":  # the rule of models.vision.build_vision
-        drop_cls = model.connector.type != "qformer" and vcfg.model_type != "siglip_vision_model"
-    return VisionTower(encoder, model.vision.feature_layer, drop_cls).num_tokens
-
-
-def tokenizer_dir(model: ModelSettings) -> str:
-    return model.tokenizer or model.llm.path
-
-
 def text_template(cfg: Config) -> ChatTemplate:
-    tokenizer = load_tokenizer(cfg.model)
-    return ChatTemplate(tokenizer, cfg.model.image_token, tokens_per_image(cfg.model), cfg.data.system_prompt)
+    """The chat template from configs alone; training checks a cache against the real model's figures,
+    so a mismatch cannot slip by."""
+    tokenizer, tokens_per_image, image_token, image_text = text_side(cfg.model, cfg.data.max_pixels)
+    return ChatTemplate(tokenizer, image_token, tokens_per_image, cfg.data.system_prompt, image_text)
 
 
 # -- prepare -------------------------------------------------------------------------------------------
 def prepare_data(cfg: Config, workers: int = 1, shard_size: int = 10_000, overwrite: bool = False) -> PrepareResult:
     template = text_template(cfg)
-    return prepare_cache(cfg.data, template, tokenizer_dir(cfg.model), cfg.model.vision is not None, workers,
+    return prepare_cache(cfg.data, template, cfg.model.tokenizer_path, cfg.model.has_vision, workers,
                          shard_size, overwrite)
 
 
@@ -257,7 +235,7 @@ def check_data(cfg: Config, out_dir: str | None = None, max_error_rate: float = 
                check_images: bool = True) -> CheckReport:
     template = text_template(cfg)
     data = cfg.data
-    has_vision = cfg.model.vision is not None
+    has_vision = cfg.model.has_vision
     checks = [check_dataset(spec, "train", template, data, has_vision, check_images)
               for spec in data.train_datasets()]
     if data.val:

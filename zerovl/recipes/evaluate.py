@@ -50,16 +50,20 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def stack_vision(per_sample: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Concatenate each sample's image tensors (pixel_values, and image_grid_thw for native models)."""
+    keys = sorted({k for d in per_sample for k in d})
+    return {k: torch.cat([d[k] for d in per_sample if k in d]).to(device) for k in keys}
+
+
 @torch.no_grad()
 def generate_answers(model, dataset: ChatDataset, template: ChatTemplate, indices: list[int],
                      max_new_tokens: int, device: torch.device, synced_gpus: bool = False) -> list[str]:
     tokenizer = template.tokenizer
     samples = [dataset.samples[i] for i in indices]
     ids, mask = left_pad([template.encode_prompt(s) for s in samples], tokenizer.pad_token_id)
-    pixels = [dataset.load_images(s).get("pixel_values") for s in samples]
-    pixels = [p for p in pixels if p is not None]
-    pixel_values = torch.cat(pixels).to(device) if pixels else None
-    out = model.generate(ids.to(device), mask.to(device), pixel_values, max_new_tokens=max_new_tokens,
+    vision = stack_vision([dataset.load_images(s) for s in samples], device)
+    out = model.generate(ids.to(device), mask.to(device), **vision, max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in out]

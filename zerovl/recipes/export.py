@@ -28,14 +28,35 @@ def _unwrap_lora(module, merge: bool):
 
 
 def export(run_or_ckpt: str | Path, out_dir: str | Path, adapter: bool = False) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
     cfg, built, ckpt = load_trained(run_or_ckpt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.model.native is not None:
+        settings = _export_native(cfg, built, out)
+    else:
+        settings = _export_composed(cfg, built, out, adapter)
+    manifest = {"model": settings, "source_checkpoint": str(ckpt), "format": 1}
+    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    log.info("exported %s to %s", ckpt, out)
+    return manifest
+
+
+def _export_native(cfg, built, out: Path) -> dict[str, Any]:
+    """The native model as one HF image-text-to-text directory, LoRA merged."""
+    hf = _unwrap_lora(built.model.hf, merge=True)
+    hf.save_pretrained(out / "model", safe_serialization=True)
+    built.tokenizer.save_pretrained(out / "model")
+    built.image_processor.processor.save_pretrained(out / "model")
+    native = cfg.model.native
+    return {"native": {"path": "model", "min_pixels": native.min_pixels, "max_pixels": native.max_pixels},
+            "tokenizer": "model", "llm": {"mode": "full"}}
+
+
+def _export_composed(cfg, built, out: Path, adapter: bool) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
     model = built.model
     settings = cfg.model.model_dump(mode="json")
-
     llm = model.llm
     if adapter and cfg.model.llm.mode == "lora":
         llm.save_pretrained(out / "llm_adapter")  # adapter_config.json + adapter_model.safetensors
@@ -55,12 +76,15 @@ def export(run_or_ckpt: str | Path, out_dir: str | Path, adapter: bool = False) 
         encoder = _unwrap_lora(model.vision.encoder, merge=True)
         encoder.save_pretrained(out / "vision", safe_serialization=True)
         built.image_processor.processor.save_pretrained(out / "vision")
-        settings["vision"] = {**settings["vision"], "path": "vision", "config": None, "image_processor": None,
-                              "mode": "full"}
+        vision = {**settings["vision"], "path": "vision", "config": None, "image_processor": None, "mode": "full",
+                  "drop_cls": model.vision.drop_cls}
+        if vision["feature_layer"] != -1:  # the tower was cut there: read all of its saved layers, pre-norm
+            vision["feature_layer"] = encoder.config.num_hidden_layers
+        settings["vision"] = vision
+        if settings["connector"].get("path"):  # the Q-Former's config travels with the export
+            settings["connector"].update(path=None, qformer=model.connector.qformer.config.to_diff_dict(),
+                                         num_query_tokens=model.connector.tokens_per_image)
+        settings["connector"]["mode"] = "full"
         save_file({k: v.contiguous() for k, v in model.connector.state_dict().items()},
                   str(out / CONNECTOR_FILE))
-    manifest = {"model": settings, "source_checkpoint": str(ckpt),
-                "tokens_per_image": built.tokens_per_image, "format": 1}
-    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-    log.info("exported %s to %s", ckpt, out)
-    return manifest
+    return settings

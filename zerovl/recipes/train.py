@@ -25,7 +25,6 @@ from zerovl.config import Config, save_config
 from zerovl.data.collate import META_KEYS, pad_collate
 from zerovl.data.dataset import build_dataset
 from zerovl.data.pipeline import build_train_data
-from zerovl.data.template import ChatTemplate
 from zerovl.engine import checkpoint
 from zerovl.engine.distributed import DistInfo, all_gather_floats, init_distributed, shutdown
 from zerovl.engine.ds_config import build_ds_config, zero_stage
@@ -40,7 +39,7 @@ from zerovl.engine.telemetry import (
     optimizer_state_bytes,
     peak_memory_bytes,
 )
-from zerovl.models.builder import DTYPES, build_model, import_model_classes, model_parts
+from zerovl.models.builder import build_model, import_model_classes, named_parts
 from zerovl.recipes.evaluate import evaluate
 
 log = logging.getLogger("zerovl.train")
@@ -61,7 +60,7 @@ def library_versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def zero3_construction(ds_config: dict[str, Any], precision: str):
+def zero3_construction(ds_config: dict[str, Any]):
     """Under ZeRO-3, build the model inside deepspeed.zero.Init (parameters are partitioned as they are
     created) and let transformers' from_pretrained/from_config do the same via HfDeepSpeedConfig, so a
     model larger than one rank's memory never exists whole on any rank."""
@@ -72,7 +71,9 @@ def zero3_construction(ds_config: dict[str, Any], precision: str):
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=DTYPES[precision]):
+    # no dtype=: the config's bf16/fp16 switch decides it (in 0.19.8 an explicit dtype is ignored on a
+    # CPU accelerator, `dtype or half if fp16_supported else bf16`, and fp32 runs would get bf16 weights)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         yield
     del hf_ds_config
 
@@ -88,10 +89,8 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 def part_learning_rates(cfg: Config) -> dict[str, float]:
     m = cfg.model
-    lrs = {"llm": m.llm.lr or cfg.train.lr, "connector": m.connector.lr or cfg.train.lr}
-    if m.vision is not None:
-        lrs["vision"] = m.vision.lr or cfg.train.lr
-    return lrs
+    return {"llm": m.llm.lr or cfg.train.lr, "connector": m.connector.lr or cfg.train.lr,
+            "vision": (m.vision.lr if m.vision is not None else None) or cfg.train.lr}
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -107,16 +106,16 @@ def train(cfg: Config) -> dict[str, Any]:
     set_seed(cfg.train.seed)
 
     import_model_classes(cfg.model)
-    with zero3_construction(ds_config, cfg.train.precision):  # ZeRO-3: no rank ever holds the whole model
-        built = build_model(cfg.model, cfg.train.precision)
+    with zero3_construction(ds_config):  # ZeRO-3: no rank ever holds the whole model
+        built = build_model(cfg.model, cfg.train.precision, cfg.data.max_pixels)
     param_bytes = parameter_bytes(built.model)
-    template = ChatTemplate(built.tokenizer, cfg.model.image_token, built.tokens_per_image, cfg.data.system_prompt)
+    template = built.template(cfg.data.system_prompt)
     val_set = (build_dataset(cfg.data.val, cfg.data, template, built.image_processor, "data.val")
                if cfg.data.val else None)
     collate = partial(pad_collate, pad_token_id=built.tokenizer.pad_token_id)
     train_data = build_train_data(cfg.data, template, built.image_processor, collate, cfg.train.micro_batch_size,
                                   cfg.train.gradient_accumulation_steps, dist.rank, dist.world_size, cfg.train.seed,
-                                  tokenizer_dir=cfg.model.tokenizer or cfg.model.llm.path)
+                                  tokenizer_dir=cfg.model.tokenizer_path)
     train_set, sampler, stream = train_data.dataset, train_data.sampler, train_data.stream
 
     accum = cfg.train.gradient_accumulation_steps
@@ -124,7 +123,7 @@ def train(cfg: Config) -> dict[str, Any]:
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     min_ratio = cfg.train.min_lr / cfg.train.lr
 
-    groups = param_groups(model_parts(built.model), part_learning_rates(cfg), cfg.train.weight_decay)
+    groups = param_groups(named_parts(built.model), part_learning_rates(cfg), cfg.train.weight_decay)
     trainable = sum(full_numel(p) for g in groups for p in g["params"])
     total = sum(full_numel(p) for p in built.model.parameters())
     engine, optimizer, _, _ = deepspeed.initialize(model=built.model, model_parameters=groups, config=ds_config)
@@ -175,7 +174,7 @@ def train(cfg: Config) -> dict[str, Any]:
                    "param_bytes_per_rank": [int(x[0]) for x in loaded]})
     bar = progress_bar(total_steps, step, dist.is_main)
     timer = StepTimer(dist.device)
-    flops = FlopCounter(built.model, cfg.train.peak_tflops, dist.device, dist.world_size)
+    flops = FlopCounter(named_parts(built.model), cfg.train.peak_tflops, dist.device, dist.world_size)
     engine.train()
     skipped = 0
     memory_warned = False
@@ -188,7 +187,7 @@ def train(cfg: Config) -> dict[str, Any]:
             lr = set_lr(optimizer, lr_factor(step, total_steps, cfg.train.warmup_steps, cfg.train.schedule, min_ratio))
             started = time.perf_counter()
             timer.reset()
-            loss_sum = samples = tokens = images = 0.0
+            loss_sum = samples = tokens = vision_tokens = 0.0
             for _ in range(accum):  # DeepSpeed applies the optimizer at the accumulation boundary
                 with timer.phase("data"):
                     batch = stream.next()
@@ -203,15 +202,15 @@ def train(cfg: Config) -> dict[str, Any]:
                     engine.step()
                 loss_sum += loss.item()
                 tokens += batch["attention_mask"].sum().item()
-                images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
+                vision_tokens += built.model.vision_token_count(batch)
             step += 1
             # one collective per step carries the global figures and any rank's stop signal
             state_bytes = state_bytes or optimizer_state_bytes(engine)  # Adam creates its state at step 1
             # one collective per step: every rank's figures, memory and stop signal (a rank's SIGTERM
             # thereby reaches all ranks at the same step)
-            per_rank = all_gather_floats([loss_sum, samples, tokens, images, stop_signal.flag,
+            per_rank = all_gather_floats([loss_sum, samples, tokens, vision_tokens, stop_signal.flag,
                                           peak_memory_bytes(), state_bytes], dist.device)
-            loss_sum, samples, tokens, images, stop = (sum(r[i] for r in per_rank) for i in range(5))
+            loss_sum, samples, tokens, vision_tokens, stop = (sum(r[i] for r in per_rank) for i in range(5))
             elapsed = time.perf_counter() - started
             grad_norm = engine.get_global_grad_norm()
             peaks = [int(r[5]) for r in per_rank]
@@ -221,7 +220,7 @@ def train(cfg: Config) -> dict[str, Any]:
                       "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped_samples": skipped,
                       "data_wait_frac": timer.seconds["data"] / elapsed,
                       **{f"time_{k}": v for k, v in timer.seconds.items()}, "time_total": elapsed,
-                      **flops.figures(tokens, images, elapsed),
+                      **flops.figures(tokens, vision_tokens, elapsed),
                       "peak_mem_bytes": peaks, "optimizer_state_bytes": [int(r[6]) for r in per_rank]}
             if dist.is_main and not memory_warned and min(peaks) > 0 and max(peaks) > 1.3 * min(peaks):
                 memory_warned = True

@@ -1,0 +1,202 @@
+"""Native HF vision-language models (Qwen2-VL, Qwen2.5-VL) behind the same contract as ComposedVLM.
+
+The HF model does its own image merging and multimodal RoPE; this wrapper adds what training needs:
+the per-part view (vision blocks / merger / language model) that freezing, LoRA and per-part learning
+rates use, dynamic-resolution image token counts for the chat template, and the same ZeRO-3 safety
+as the composed model — a text-only batch still runs the vision tower on a tiny dummy image weighted
+by 0, so every rank calls the same modules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from zerovl.errors import ConfigError, DataError
+
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
+
+
+class NativeVLM(nn.Module):
+    def __init__(self, hf_model: nn.Module, image_token_id: int):
+        super().__init__()
+        self.hf = hf_model
+        self.image_token_id = image_token_id
+        vcfg = hf_model.config.vision_config
+        self.merge = vcfg.spatial_merge_size
+        self.patch_elements = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+
+    # -- the parts that per-part modes, LoRA and learning rates address -------------------------
+    @property
+    def base(self) -> nn.Module:
+        """The HF model itself, also when peft wraps it for LoRA."""
+        return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.base.model.visual
+
+    def parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """vision = the vision transformer without its merger, connector = the merger, llm = the rest."""
+        out: dict[str, list] = {"vision": [], "connector": [], "llm": []}
+        for name, param in self.named_parameters():
+            if ".visual.merger." in f".{name}":
+                out["connector"].append((name, param))
+            elif ".visual." in f".{name}":
+                out["vision"].append((name, param))
+            else:
+                out["llm"].append((name, param))
+        return out
+
+    def part_modules(self, part: str) -> list[str]:
+        """Names of the nn.Linear modules of a part (LoRA targets)."""
+        names = []
+        for name, module in self.hf.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            in_visual, in_merger = ".visual." in f".{name}.", ".merger." in f".{name}."
+            if (part == "vision" and in_visual and not in_merger) or (part == "llm" and not in_visual
+                                                                        and not name.endswith("lm_head")):
+                names.append(name)
+        return names
+
+    def vision_token_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens the vision tower processes in a batch (patches before merging)."""
+        pixels = batch.get("pixel_values")
+        return int(pixels.shape[0]) if pixels is not None else 0
+
+    # -- forward / generate ----------------------------------------------------------------------
+    def _dummy_vision(self, device: torch.device) -> torch.Tensor:
+        grid = torch.tensor([[1, self.merge, self.merge]], device=device)
+        pixels = torch.zeros(self.merge * self.merge, self.patch_elements, device=device,
+                             dtype=self.visual.dtype)
+        return self.visual(pixels, grid_thw=grid).pooler_output
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        """Embeddings, then the vision tower (real or dummy), then the language model — the same module
+        order for image and text-only batches, which ZeRO-3's parameter fetching requires."""
+        if position_ids is not None:
+            raise ConfigError("data.packing is not supported for native models (their M-RoPE positions are 3-D)")
+        inner = self.base.model
+        embeds = inner.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.image_token_id
+        grid = None
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            embeds = embeds + 0.0 * self._dummy_vision(input_ids.device).sum().to(embeds.dtype)
+        else:
+            features = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw).pooler_output
+            if features.shape[0] != int(image_mask.sum()):
+                raise DataError(f"{features.shape[0]} image features for {int(image_mask.sum())} image tokens")
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+            grid = image_grid_thw
+        positions, _ = inner.get_rope_index(input_ids, image_grid_thw=grid, video_grid_thw=None,
+                                            attention_mask=attention_mask, mm_token_type_ids=image_mask.int())
+        out = self.hf(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, labels=labels,
+                      use_cache=False)
+        return out.loss if labels is not None else out.logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 image_grid_thw: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Continuation of left-padded prompts; returns only the new token ids."""
+        vision = {}
+        if pixel_values is not None and pixel_values.shape[0]:
+            vision = {"pixel_values": pixel_values.to(self.visual.dtype), "image_grid_thw": image_grid_thw,
+                      "mm_token_type_ids": (input_ids == self.image_token_id).int()}
+        out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **vision, **kwargs)
+        return out[:, input_ids.shape[1]:]
+
+
+class NativeImageTokens:
+    """How many image-pad tokens an image becomes: the processor's dynamic-resolution resize
+    (``smart_resize`` into [min_pixels, max_pixels], sides multiple of patch x merge), read from the
+    image header only — the text can be tokenized before any pixel is decoded."""
+
+    def __init__(self, patch: int, merge: int, min_pixels: int, max_pixels: int, data_max_pixels: int):
+        self.patch, self.merge = patch, merge
+        self.min_pixels, self.max_pixels, self.data_max_pixels = min_pixels, max_pixels, data_max_pixels
+
+    def __call__(self, path: str) -> int:
+        from PIL import Image
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        from zerovl.data.images import fit_max_pixels
+
+        with Image.open(path) as im:
+            width, height = fit_max_pixels(im.width, im.height, self.data_max_pixels)
+        h, w = smart_resize(height, width, factor=self.patch * self.merge, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels)
+        return (h // self.patch) * (w // self.patch) // (self.merge**2)
+
+    def describe(self) -> str:
+        return f"dynamic(patch={self.patch},merge={self.merge},pixels={self.min_pixels}..{self.max_pixels})"
+
+
+def image_text(count: int) -> str:
+    return VISION_START + IMAGE_PAD * count + VISION_END
+
+
+class NativeImageProcessor:
+    """Picklable: PIL images -> {"pixel_values": (patches, C*T*P*P), "image_grid_thw": (images, 3)}."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, images: list) -> dict[str, torch.Tensor]:
+        out = self.processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def build_native(settings, tokenizer, dtype: torch.dtype, data_max_pixels: int):
+    """(NativeVLM, NativeImageProcessor, NativeImageTokens) for model.native."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from zerovl.models.weights import to_dtype
+
+    native = settings.native
+    if native.path is not None:
+        if not os.path.isdir(native.path):
+            raise ConfigError(f"model.native.path {native.path} is not a directory")
+        config = AutoConfig.from_pretrained(native.path)
+    else:
+        inline = dict(native.config)
+        config = AutoConfig.for_model(inline.pop("model_type", "qwen2_vl"), **inline)
+    if config.model_type not in SUPPORTED:
+        raise ConfigError(f"model.native: model_type '{config.model_type}' is not supported ({', '.join(SUPPORTED)})")
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
+           (("vision_start_token_id", VISION_START), ("image_token_id", IMAGE_PAD), ("vision_end_token_id", VISION_END))}
+    if native.path is None:  # a random-init model takes the tokenizer's ids
+        for name, token_id in ids.items():
+            setattr(config, name, token_id)
+    elif any(getattr(config, name) != token_id for name, token_id in ids.items()):
+        raise ConfigError(f"model.native: the tokenizer's vision token ids {ids} differ from {native.path}'s config")
+    if native.path is not None:
+        model = AutoModelForImageTextToText.from_pretrained(native.path, dtype=dtype)
+    else:
+        model = to_dtype(AutoModelForImageTextToText.from_config(config, dtype=dtype), dtype)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    vcfg = config.vision_config
+    processor = Qwen2VLImageProcessorPil(min_pixels=native.min_pixels, max_pixels=native.max_pixels,
+                                         patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
+                                         temporal_patch_size=vcfg.temporal_patch_size)
+    if native.path is not None and os.path.isfile(os.path.join(native.path, "preprocessor_config.json")):
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(
+            native.path, backend="pil", size={"shortest_edge": native.min_pixels, "longest_edge": native.max_pixels})
+    tokens = NativeImageTokens(vcfg.patch_size, vcfg.spatial_merge_size, native.min_pixels, native.max_pixels,
+                               data_max_pixels)
+    return NativeVLM(model, ids["image_token_id"]), NativeImageProcessor(processor), tokens
+
+
+def native_tokens_per_image_bound(tokens: NativeImageTokens) -> int:
+    """The most image tokens one image can become (for planning and length checks)."""
+    return math.ceil(tokens.max_pixels / (tokens.patch * tokens.merge) ** 2)
