@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("question", nargs="?", help="omit for an interactive session")
 
+    p = sub.add_parser("model", help="inspect the model a config describes")
+    model_sub = p.add_subparsers(dest="model_command", required=True)
+    q = model_sub.add_parser("summary", help="parts, parameters, trainable parameters and dtype, no weights loaded")
+    q.add_argument("config")
+    q.add_argument("overrides", nargs="*")
+
     p = sub.add_parser("export", help="consolidate a checkpoint into HF safetensors directories")
     p.add_argument("checkpoint", help="RUN_DIR (newest complete checkpoint) or RUN_DIR/checkpoints/step_N")
     p.add_argument("out_dir")
@@ -156,6 +162,14 @@ def _cmd_chat(args) -> int:
     return 0
 
 
+def _cmd_model(args) -> int:
+    from zerovl.config import load_config
+    from zerovl.recipes.summary import model_summary
+
+    print(model_summary(load_config(args.config, args.overrides)))
+    return 0
+
+
 def _cmd_export(args) -> int:
     from zerovl.recipes.export import export
 
@@ -205,7 +219,7 @@ def _cmd_data(args) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "export": _cmd_export,
+COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "export": _cmd_export, "model": _cmd_model,
             "plan": _cmd_plan, "bench": _cmd_bench, "report": _cmd_report, "data": _cmd_data}
 
 

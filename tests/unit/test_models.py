@@ -164,3 +164,64 @@ def test_llm_and_tokenizer_from_directories(tmp_path, scenes):
 def test_unsupported_vision_type_is_a_config_error(scenes):
     with pytest.raises(ConfigError, match="unsupported vision model_type 'vit'"):
         build_model(_settings(scenes, {"config": {"model_type": "vit"}}))
+
+
+@pytest.mark.parametrize("name", ["demo", "minigpt4qwen", "llava", "qwen2vl", "text_sft"])
+def test_shipped_configs_validate(name):
+    from tests.conftest import REPO
+    from zerovl.config import load_config
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.model.has_vision == (name != "text_sft")
+
+
+def test_model_summary_matches_the_built_model(scenes, tmp_path):
+    from tests.conftest import tiny_config
+    from zerovl.config import from_dict
+    from zerovl.models.builder import named_parts
+    from zerovl.recipes.summary import model_summary, part_counts
+
+    raw = tiny_config(scenes, tmp_path)
+    raw["model"]["vision"]["mode"] = "frozen"
+    raw["model"]["llm"]["mode"] = "lora"
+    cfg = from_dict(raw)
+    counts = part_counts(cfg)
+    built = build_model(cfg.model)
+    for part, named in named_parts(built.model).items():
+        params = {id(p): p for _, p in named}.values()
+        assert counts[part][1] == sum(p.numel() for p in params if p.requires_grad), part
+    assert counts["vision"][1] == 0 and 0 < counts["llm"][1] < counts["llm"][0]
+    assert "lora" in model_summary(cfg) and "trainable" in model_summary(cfg)
+
+
+def test_native_qwen2vl_builds_and_runs_text_and_image_batches(scenes):
+    """Inline (random-init) Qwen2-VL: the tokenizer gains the vision tokens, the config takes their ids,
+    image token counts follow the image size, and text-only batches still run the vision tower."""
+    from PIL import Image
+
+    from zerovl.data.samples import Sample
+
+    settings = ModelSettings.model_validate({
+        "native": {"config": {"model_type": "qwen2_vl",
+                              "text_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=80,
+                                                  rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+                              "vision_config": dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2)},
+                   "min_pixels": 28 * 28, "max_pixels": 56 * 56},
+        "llm": {"mode": "full"}, "tokenizer": str(scenes["tokenizer"])})
+    torch.manual_seed(0)
+    built = build_model(settings)
+    template = built.template()
+    image = str(next((scenes["train"].parent / "images").glob("*.png")))  # 32x32 -> 28x28 -> 1 token
+    sample = Sample([{"role": "user", "content": "<image>how many shapes are there ?"},
+                     {"role": "assistant", "content": "one"}], [image], "t:1")
+    enc = template.encode(sample)
+    assert enc.image_tokens == 1
+    vision = built.image_processor([Image.open(image).convert("RGB")])
+    ids = torch.tensor([enc.input_ids])
+    calls = []
+    built.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    loss = built.model(ids, torch.ones_like(ids), labels=torch.tensor([enc.labels]), **vision)
+    text_ids = ids[ids != built.model.image_token_id].unsqueeze(0)
+    text_loss = built.model(text_ids, torch.ones_like(text_ids), labels=text_ids)
+    assert torch.isfinite(loss) and torch.isfinite(text_loss) and calls == [1, 1]

@@ -453,6 +453,9 @@ def count_model(settings: Any) -> ModelShape:
     from zerovl.models.vision import VisionTower, tower_classes, vision_config_from
     from zerovl.models.vlm import ComposedVLM
 
+    if settings.native is not None:
+        raise ConfigError("zerovl plan models composed VLMs and text-only LLMs; native models (model.native) "
+                          "are not modelled yet — use zerovl bench to measure them")
     notes = []
     try:
         tokenizer = load_tokenizer(settings)
