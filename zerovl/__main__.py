@@ -1,5 +1,3 @@
-import sys
+from zerovl.cli import entry
 
-from zerovl.cli import main
-
-sys.exit(main())
+entry()

@@ -242,6 +242,21 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def entry() -> None:
+    """Console-script entry: run ``main`` and exit with its code.
+
+    After a multi-rank run every file is closed and the process group destroyed, so interpreter
+    teardown is skipped: it is where gloo's "terminate called without an active exception" abort
+    still hits a few percent of exits (pytorch #190489), turning a finished run into exit -6.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _one_line(e: Exception) -> str:
     lines = [line for line in str(e).splitlines() if line.strip()]
     if len(lines) > 1:  # wrapped worker traceback: the last line holds "zerovl.errors.X: message"

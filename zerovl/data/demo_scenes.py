@@ -81,19 +81,21 @@ def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float 
 
 
 def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
-    """(type, question, answer) triples, one per question type that the scene allows."""
-    obj, other = rng.choice(scene), rng.choice(scene)
-    colour_q = f"what colour is the shape {WHERE[obj.slot]} ?"
-    shape_q = f"what shape is {WHERE[other.slot]} ?"
+    """(type, question, answer) triples, one per question type that the scene allows.
+
+    Objects are referred to by where they are (colour questions) or by their colour (position
+    questions); shape is asked of single-object scenes. Every question has exactly one right answer.
+    """
+    obj = rng.choice(scene)
     qa = [
-        ("colour", colour_q, obj.colour),
-        ("shape", shape_q, other.shape),
+        ("colour", f"what colour is the shape {WHERE[obj.slot]} ?", obj.colour),
         ("count", "how many shapes are there ?", NUMBERS[len(scene)]),
     ]
-    if len(scene) >= 2:
-        a, b = rng.sample(scene, 2)
-        qa.append(("position", f"is the {a.colour} shape left or right of the {b.colour} shape ?",
-                   "left" if a.slot < b.slot else "right"))
+    if len(scene) == 1:
+        qa.append(("shape", "what shape is it ?", scene[0].shape))
+    else:
+        target = rng.choice(scene)
+        qa.append(("position", f"where is the {target.colour} shape ?", WHERE[target.slot]))
     return qa
 
 
@@ -101,10 +103,11 @@ def caption(scene: list[Shape]) -> str:
     return " then ".join(f"a {o.name}" for o in scene)
 
 
-def make_records(scene: list[Shape], image: str, rng: random.Random, multi_turn: bool) -> list[dict]:
+def make_records(scene: list[Shape], image: str, rng: random.Random, multi_turn: bool,
+                 captions: bool = True) -> list[dict]:
     qa = questions(scene, rng)
     rng.shuffle(qa)
-    if rng.random() < 0.2:
+    if captions and rng.random() < 0.2:
         qa.append(("caption", "describe the image .", caption(scene)))
     if not multi_turn:
         return [{"messages": [{"role": "user", "content": f"{q} <image>"}, {"role": "assistant", "content": a}],
@@ -137,7 +140,9 @@ def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: 
             rel = f"images/{split}_{i:05d}.png"
             draw_scene(scene, image_size, rng, jitter, radius, outline, tile).save(out / rel)
             # val keeps one question per line so exact-match accuracy is per question
-            splits[split] += make_records(scene, rel, rng, multi_turn=split == "train" and rng.random() < 0.5)
+            # captions are trained on but not scored: val holds only questions
+            splits[split] += make_records(scene, rel, rng, multi_turn=split == "train" and rng.random() < 0.5,
+                                          captions=split == "train")
             if split == "train" and rng.random() < 0.05:
                 splits[split].append(text_only_record(rng))
     paths = {}
@@ -155,7 +160,7 @@ def vocabulary_words() -> list[str]:
     """Every word the generator can emit (questions, answers, captions)."""
     words: set[str] = set()
     texts: Iterable[str] = [
-        "what colour is the object ? shape how many shapes are there is left or right of describe image .",
+        "what colour is the object ? shape how many shapes are there is left or right of describe image where it .",
         "on in",
         "a then does have sides", " ".join(COLOURS), " ".join(SHAPES), " ".join(NUMBERS), " ".join(SLOTS),
         " ".join(SIDES.values()), "system user assistant you are helpful",

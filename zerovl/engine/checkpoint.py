@@ -14,19 +14,21 @@ without ``COMPLETE`` — a crash or kill mid-save — is never resumed from; the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from zerovl.engine.distributed import DistInfo, barrier
+from zerovl.engine.distributed import DistInfo, barrier, configure_accelerator
 from zerovl.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -311,6 +313,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     from the optimizer shards (stage >= 1, via DeepSpeed's ``zero_to_fp32``) take precedence where
     present. ZeRO-3 module files hold only placeholders, so ``zero_to_fp32`` is the source there.
     """
+    configure_accelerator()  # before deepspeed's import, which otherwise warns on stdout about guessing
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     module_file = ckpt / "mp_rank_00_model_states.pt"
@@ -321,7 +324,8 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         state = dict(saved["module"])
         stage = int(saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     if stage >= 1:
-        state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+        with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints progress; stdout is for answers
+            state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
     if not state:
         raise CheckpointError(f"{ckpt}: no model weights found")
     return state

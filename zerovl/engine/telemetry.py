@@ -63,6 +63,13 @@ def optimizer_state_bytes(engine) -> int:
                if torch.is_tensor(t) and t.dim() > 0)
 
 
+def replicated_grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of the already all-reduced gradients, for ZeRO-0 fp32 where DeepSpeed computes the
+    norm inside gradient clipping but does not keep it (``get_global_grad_norm()`` is None)."""
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
 def peak_memory_bytes() -> int:
     """Peak accelerator memory of this process (GPU), or peak resident memory (CPU)."""
     from deepspeed.accelerator import get_accelerator

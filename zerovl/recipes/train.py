@@ -38,6 +38,7 @@ from zerovl.engine.telemetry import (
     full_numel,
     optimizer_state_bytes,
     peak_memory_bytes,
+    replicated_grad_norm,
 )
 from zerovl.models.builder import build_model, import_model_classes, named_parts
 from zerovl.recipes.evaluate import evaluate
@@ -182,6 +183,9 @@ def train(cfg: Config) -> dict[str, Any]:
     last_saved = step if resume_from is not None else -1
     stop_at = min(total_steps, cfg.train.stop_after_steps or total_steps)
     stop_signal = GracefulStop().install()
+    # ZeRO-0 with fp32 computes the norm only to clip it and then drops it: take it ourselves
+    keep_norm = engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
+    own_norm = None
     with logging_redirect_tqdm(loggers=[logging.getLogger("zerovl")]):  # log lines above the bar
         while step < stop_at:
             lr = set_lr(optimizer, lr_factor(step, total_steps, cfg.train.warmup_steps, cfg.train.schedule, min_ratio))
@@ -199,12 +203,13 @@ def train(cfg: Config) -> dict[str, Any]:
                 with timer.phase("backward"):
                     engine.backward(loss)
                 with timer.phase("step"):
+                    if keep_norm and engine.is_gradient_accumulation_boundary():
+                        own_norm = replicated_grad_norm(engine.module)
                     engine.step()
                 loss_sum += loss.item()
                 tokens += batch["attention_mask"].sum().item()
                 vision_tokens += built.model.vision_token_count(batch)
             step += 1
-            # one collective per step carries the global figures and any rank's stop signal
             state_bytes = state_bytes or optimizer_state_bytes(engine)  # Adam creates its state at step 1
             # one collective per step: every rank's figures, memory and stop signal (a rank's SIGTERM
             # thereby reaches all ranks at the same step)
@@ -213,6 +218,7 @@ def train(cfg: Config) -> dict[str, Any]:
             loss_sum, samples, tokens, vision_tokens, stop = (sum(r[i] for r in per_rank) for i in range(5))
             elapsed = time.perf_counter() - started
             grad_norm = engine.get_global_grad_norm()
+            grad_norm = own_norm if grad_norm is None else grad_norm
             peaks = [int(r[5]) for r in per_rank]
             record = {"split": "train", "step": step, "epoch": stream.epoch, "consumed": stream.consumed,
                       "loss": loss_sum / (accum * dist.world_size), "lr": lr,
