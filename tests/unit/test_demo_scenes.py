@@ -28,8 +28,8 @@ def test_answers_follow_from_the_scene():
             elif kind == "shape":
                 assert len(scene) == 1 and answer == scene[0].shape
             else:
-                colour = question.split()[3]
-                assert len(scene) > 1 and WHERE[by_colour[colour].slot] == answer
+                colour, where = question.split()[2], " ".join(question.split()[4:-1])
+                assert answer == ("yes" if WHERE[by_colour[colour].slot] == where else "no")
     assert seen == {"colour", "count", "shape", "position"}
 
 

@@ -84,18 +84,18 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, st
     """(type, question, answer) triples, one per question type that the scene allows.
 
     Objects are referred to by where they are (colour questions) or by their colour (position
-    questions); shape is asked of single-object scenes. Every question has exactly one right answer.
+    questions, yes or no, half of them yes); shape is asked of single-object scenes. Every question
+    has exactly one right answer.
     """
-    obj = rng.choice(scene)
+    obj, target = rng.choice(scene), rng.choice(scene)
+    asked = target.slot if rng.random() < 0.5 else rng.choice([s for s in range(3) if s != target.slot])
     qa = [
         ("colour", f"what colour is the shape {WHERE[obj.slot]} ?", obj.colour),
         ("count", "how many shapes are there ?", NUMBERS[len(scene)]),
+        ("position", f"is the {target.colour} shape {WHERE[asked]} ?", "yes" if asked == target.slot else "no"),
     ]
     if len(scene) == 1:
         qa.append(("shape", "what shape is it ?", scene[0].shape))
-    else:
-        target = rng.choice(scene)
-        qa.append(("position", f"where is the {target.colour} shape ?", WHERE[target.slot]))
     return qa
 
 
@@ -127,8 +127,8 @@ def text_only_record(rng: random.Random) -> dict:
 
 
 def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: int = 150,
-             image_size: int = 48, seed: int = 0, jitter: float = 1.0, rows: int = 3,
-             radius: float = 0.34, outline: int = 0, tile: bool = False) -> dict[str, Path]:
+             image_size: int = 48, seed: int = 0, jitter: float = 0.5, rows: int = 1,
+             radius: float = 0.42, outline: int = 0, tile: bool = False) -> dict[str, Path]:
     """Write images, ``train.jsonl``, ``val.jsonl`` and ``tokenizer/`` under ``out_dir``."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,7 @@ def vocabulary_words() -> list[str]:
     """Every word the generator can emit (questions, answers, captions)."""
     words: set[str] = set()
     texts: Iterable[str] = [
-        "what colour is the object ? shape how many shapes are there is left or right of describe image where it .",
+        "what colour is the object ? shape how many shapes are there is left or right of describe image it yes no .",
         "on in",
         "a then does have sides", " ".join(COLOURS), " ".join(SHAPES), " ".join(NUMBERS), " ".join(SLOTS),
         " ".join(SIDES.values()), "system user assistant you are helpful",
