@@ -37,7 +37,7 @@ def plain_deepspeed(cfg, steps: int, groups: str) -> tuple[list[tuple[int, float
     from zerovl.engine.distributed import all_reduce_sum, init_distributed
     from zerovl.engine.ds_config import build_ds_config
     from zerovl.engine.optim import param_groups
-    from zerovl.models.builder import build_model, model_parts
+    from zerovl.models.builder import build_model, named_parts
     from zerovl.recipes.train import part_learning_rates, set_seed
 
     dist = init_distributed()  # already initialised: returns the same world
@@ -50,7 +50,7 @@ def plain_deepspeed(cfg, steps: int, groups: str) -> tuple[list[tuple[int, float
                             tokenizer_dir=cfg.model.tokenizer or cfg.model.llm.path)
     ds_config = build_ds_config(cfg.model_copy(deep=True), dist.world_size, dist.on_cpu)
     if groups == "zerovl":
-        params = param_groups(model_parts(built.model), part_learning_rates(cfg), cfg.train.weight_decay)
+        params = param_groups(named_parts(built.model), part_learning_rates(cfg), cfg.train.weight_decay)
     else:
         params = [p for p in built.model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=built.model, model_parameters=params, config=ds_config)
