@@ -311,3 +311,15 @@ def test_plan_offers_a_faster_option_with_a_smaller_micro_batch(scenes, tmp_path
     assert 1 <= zero0.max_micro_batch < 4
     assert (f"alternative: deepspeed=zero0 train.micro_batch_size={zero0.max_micro_batch} "
             f"train.gradient_accumulation_steps={-(-16 // zero0.max_micro_batch)}") in text
+
+
+def test_demo_config_counts_its_embeddings_only_vision_tower(scenes):
+    """configs/demo.yaml's SigLIP has 0 encoder layers; 0 is a layer count, not a missing value."""
+    from zerovl.config import load_config
+    from zerovl.recipes.summary import part_counts
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.tokenizer={scenes['tokenizer']}"])
+    counts = part_counts(cfg)
+    built = build_model(cfg.model, "fp32")
+    for part, named in named_parts(built.model).items():
+        assert counts[part][0] == sum(p.numel() for _, p in named), part

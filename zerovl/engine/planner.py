@@ -371,7 +371,8 @@ def plan(shape: ModelShape, hardware: Hardware, precision: str, micro_batch: int
 # ---- counting parameters from configs alone --------------------------------------------------
 
 def _first(cfg: Any, *names: str) -> Any:
-    return next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), None)
+    """The first of ``names`` the config sets (0 counts: an embeddings-only tower has 0 layers)."""
+    return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
 
 
 def _stack_from_config(cfg: Any, checkpointing: bool, gated: bool) -> Stack:
