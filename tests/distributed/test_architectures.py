@@ -150,14 +150,18 @@ def test_native_qwen2vl_mixed_batches(tmp_path, scenes, mixed_data, qwen2vl_dir,
         "model": {"native": {"path": str(qwen2vl_dir), "min_pixels": 28 * 28 * 4, "max_pixels": 56 * 56},
                   "vision": {"mode": "frozen"}, "connector": {"mode": "full"},
                   "llm": {"mode": "lora", "lora": {"r": 4, "alpha": 8}}},
-        "data": {"train": str(mixed_data), "max_length": 96, "num_workers": 0, "shuffle": False},
+        "data": {"train": str(mixed_data), "val": str(mixed_data), "max_length": 96, "num_workers": 0,
+                 "shuffle": False},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "micro_batch_size": 2, "lr": 1e-3,
                   "precision": "fp32", "save_every": 0},
+        # generation on the same mixed layout: rank 0 text-only, rank 1 images in the first eval batch
+        "eval": {"exact_match": True, "batch_size": 2, "max_samples": 8, "max_new_tokens": 3},
         "deepspeed": preset,
     }
     check(run(["train", str(write_config(cfg, tmp_path / "cfg.yaml"))], timeout=400))
-    steps, _ = metrics(tmp_path / "run")
+    steps, evals = metrics(tmp_path / "run")
     assert len(steps) == 4 and all(r["loss"] > 0 for r in steps)
+    assert evals[-1]["exact_match_n"] == 8 and 0 <= evals[-1]["exact_match"] <= 1
     weights = consolidated_state_dict(find_resume(tmp_path / "run"))
     assert any("lora_" in k for k in weights) and any(".merger." in k for k in weights)
     assert not any(".visual.blocks." in k for k in weights)  # frozen vision blocks: trainable-only checkpoint

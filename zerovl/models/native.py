@@ -109,7 +109,25 @@ class NativeVLM(nn.Module):
         if pixel_values is not None and pixel_values.shape[0]:
             vision = {"pixel_values": pixel_values.to(self.visual.dtype), "image_grid_thw": image_grid_thw,
                       "mm_token_type_ids": (input_ids == self.image_token_id).int()}
-        out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **vision, **kwargs)
+        lockstep = None
+        if not vision and hasattr(next(self.visual.parameters()), "ds_id"):
+            # ZeRO-3: a rank generating for images runs the vision tower once per generate call; a
+            # text-only rank must fetch the same modules in the same order, or both hang. transformers
+            # 5 computes image features before decoding; older versions inside the prefill forward.
+            if hasattr(self.hf, "_prepare_multimodal_encoder_kwargs_for_generation"):
+                self._dummy_vision(input_ids.device)
+            else:
+                def dummy_vision_once(module, args, kwargs):
+                    lockstep.remove()
+                    self._dummy_vision(input_ids.device)
+
+                lockstep = self.base.model.language_model.register_forward_pre_hook(dummy_vision_once,
+                                                                                    with_kwargs=True)
+        try:
+            out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **vision, **kwargs)
+        finally:
+            if lockstep is not None:
+                lockstep.remove()
         return out[:, input_ids.shape[1]:]
 
 
