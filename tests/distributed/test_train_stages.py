@@ -24,9 +24,12 @@ def _config(tmp_path, scenes, mixed_data, preset, **train):
 @pytest.mark.parametrize("preset", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
 def test_stage_trains_text_only_image_and_mixed_batches(tmp_path, scenes, mixed_data, preset):
     cfg = _config(tmp_path, scenes, mixed_data, preset)
-    check(run(["train", str(cfg)], timeout=420))
+    # the final eval generates on the mixed layout too: rank 0 text-only, rank 1 images per batch
+    check(run(["train", str(cfg), f"data.val={mixed_data}", "eval.exact_match=true", "eval.batch_size=2",
+               "eval.max_samples=8", "eval.max_new_tokens=3"], timeout=420))
     steps, evals = metrics(tmp_path / "run")
     assert [r["step"] for r in steps] == list(range(1, 7))
+    assert evals[-1]["exact_match_n"] == 8
     for r in steps:
         assert math.isfinite(r["loss"]) and r["loss"] > 0
         assert r["grad_norm"] is not None and math.isfinite(r["grad_norm"])
