@@ -53,23 +53,18 @@ def random_scene(rng: random.Random, rows: int = 3) -> list[Shape]:
     return [Shape(c, s, p, 1 if rows == 1 else rng.randrange(3)) for c, s, p in zip(colours, shapes, slots)]
 
 
-def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float = 1.0,
-               radius: float = 0.34, outline: int = 0, tile: bool = False) -> Image.Image:
+def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float = 0.5,
+               radius: float = 0.42) -> Image.Image:
     shade = rng.randint(225, 255)
     image = Image.new("RGB", (size, size), (shade, shade, shade))
     draw = ImageDraw.Draw(image)
     cell = size / 3
     for obj in scene:
         # one object per cell of a 3x3 grid, jittered a little, never crossing its cell
-        base = radius[obj.shape] if isinstance(radius, dict) else radius
-        r = (base + rng.uniform(-0.06, 0.06) * jitter) * cell
+        r = (radius + rng.uniform(-0.06, 0.06) * jitter) * cell
         cx = (obj.slot + 0.5 + rng.uniform(-0.08, 0.08) * jitter) * cell
         cy = (obj.row + 0.5 + rng.uniform(-0.08, 0.08) * jitter) * cell
-        if tile:  # a light tile of the object's colour behind it
-            tint = tuple((c + shade) // 2 for c in COLOURS[obj.colour])
-            x0, y0 = obj.slot * cell, obj.row * cell
-            draw.rectangle([x0 + 1, y0 + 1, x0 + cell - 2, y0 + cell - 2], fill=tint)
-        style = {"fill": COLOURS[obj.colour], "outline": (0, 0, 0) if outline else None, "width": outline}
+        style = {"fill": COLOURS[obj.colour]}
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], **style)
         elif obj.shape == "square":
@@ -128,7 +123,7 @@ def text_only_record(rng: random.Random) -> dict:
 
 def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: int = 150,
              image_size: int = 48, seed: int = 0, jitter: float = 0.5, rows: int = 1,
-             radius: float = 0.42, outline: int = 0, tile: bool = False) -> dict[str, Path]:
+             radius: float = 0.42) -> dict[str, Path]:
     """Write images, ``train.jsonl``, ``val.jsonl`` and ``tokenizer/`` under ``out_dir``."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -138,7 +133,7 @@ def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: 
         for i in range(count):
             scene = random_scene(rng, rows)
             rel = f"images/{split}_{i:05d}.png"
-            draw_scene(scene, image_size, rng, jitter, radius, outline, tile).save(out / rel)
+            draw_scene(scene, image_size, rng, jitter, radius).save(out / rel)
             # val keeps one question per line so exact-match accuracy is per question
             # captions are trained on but not scored: val holds only questions
             splits[split] += make_records(scene, rel, rng, multi_turn=split == "train" and rng.random() < 0.5,
