@@ -75,20 +75,23 @@ def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float 
     return image
 
 
-def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
+def questions(scene: list[Shape], rng: random.Random, position_questions: int = 1) -> list[tuple[str, str, str]]:
     """(type, question, answer) triples, one per question type that the scene allows.
 
     Objects are referred to by where they are (colour questions) or by their colour (position
     questions, yes or no, half of them yes); shape is asked of single-object scenes. Every question
     has exactly one right answer.
     """
-    obj, target = rng.choice(scene), rng.choice(scene)
-    asked = target.slot if rng.random() < 0.5 else rng.choice([s for s in range(3) if s != target.slot])
+    obj = rng.choice(scene)
     qa = [
         ("colour", f"what colour is the shape {WHERE[obj.slot]} ?", obj.colour),
         ("count", "how many shapes are there ?", NUMBERS[len(scene)]),
-        ("position", f"is the {target.colour} shape {WHERE[asked]} ?", "yes" if asked == target.slot else "no"),
     ]
+    for _ in range(position_questions):
+        target = rng.choice(scene)
+        asked = target.slot if rng.random() < 0.5 else rng.choice([s for s in range(3) if s != target.slot])
+        qa.append(("position", f"is the {target.colour} shape {WHERE[asked]} ?",
+                   "yes" if asked == target.slot else "no"))
     if len(scene) == 1:
         qa.append(("shape", "what shape is it ?", scene[0].shape))
     return qa
@@ -99,8 +102,8 @@ def caption(scene: list[Shape]) -> str:
 
 
 def make_records(scene: list[Shape], image: str, rng: random.Random, multi_turn: bool,
-                 captions: bool = True) -> list[dict]:
-    qa = questions(scene, rng)
+                 captions: bool = True, position_questions: int = 1) -> list[dict]:
+    qa = questions(scene, rng, position_questions)
     rng.shuffle(qa)
     if captions and rng.random() < 0.2:
         qa.append(("caption", "describe the image .", caption(scene)))
@@ -123,7 +126,7 @@ def text_only_record(rng: random.Random) -> dict:
 
 def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: int = 150,
              image_size: int = 48, seed: int = 0, jitter: float = 0.5, rows: int = 1,
-             radius: float = 0.42) -> dict[str, Path]:
+             radius: float = 0.42, train_position_questions: int = 2) -> dict[str, Path]:
     """Write images, ``train.jsonl``, ``val.jsonl`` and ``tokenizer/`` under ``out_dir``."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,8 @@ def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: 
             # val keeps one question per line so exact-match accuracy is per question
             # captions are trained on but not scored: val holds only questions
             splits[split] += make_records(scene, rel, rng, multi_turn=split == "train" and rng.random() < 0.5,
-                                          captions=split == "train")
+                                          captions=split == "train",
+                                          position_questions=train_position_questions if split == "train" else 1)
             if split == "train" and rng.random() < 0.05:
                 splits[split].append(text_only_record(rng))
     paths = {}
