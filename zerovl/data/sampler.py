@@ -27,26 +27,16 @@ from torch.utils.data import Sampler
 from zerovl.data.plan import EpochPlan, Unit
 
 
-class ResumableBatchSampler(Sampler[list]):
-    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, seed: int = 0, plan: EpochPlan | None = None, balance_steps: int = 0):
-        if num_samples < 1:
-            raise ValueError("empty dataset")
-        self.plan = plan or EpochPlan([num_samples], shuffle=shuffle, seed=seed)
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.balance_steps = balance_steps
-        self.epoch = 0
-        self.consumed = 0  # units of this epoch already taken by all ranks together
-        self.phase = 0  # micro-steps of the current optimizer step already taken (balance windows)
+class InterleavedPosition:
+    """The position arithmetic every sampler here shares: ``consumed`` units of the epoch taken by all
+    ranks together, ranks interleaved, the rest padded by wrapping so every rank gets the same number
+    of micro-batches. Subclasses provide ``num_samples`` (units in the current epoch), ``batch_size``
+    and ``world_size``."""
 
-    @property
-    def num_samples(self) -> int:
-        """Units (samples or packs) in the current epoch."""
-        return len(self.plan.units(self.epoch))
+    num_samples: int
+    batch_size: int
+    world_size: int
+    epoch = consumed = phase = 0
 
     @property
     def per_rank(self) -> int:
@@ -68,6 +58,28 @@ class ResumableBatchSampler(Sampler[list]):
         """``phase``: micro-steps of the optimizer step already taken before this point (an epoch that
         ends mid-step), so balance windows keep matching optimizer steps."""
         self.epoch, self.consumed, self.phase = epoch, consumed, phase
+
+
+class ResumableBatchSampler(InterleavedPosition, Sampler[list]):
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0, plan: EpochPlan | None = None, balance_steps: int = 0):
+        if num_samples < 1:
+            raise ValueError("empty dataset")
+        self.plan = plan or EpochPlan([num_samples], shuffle=shuffle, seed=seed)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.balance_steps = balance_steps
+        self.epoch = 0
+        self.consumed = 0  # units of this epoch already taken by all ranks together
+        self.phase = 0  # micro-steps of the current optimizer step already taken (balance windows)
+
+    @property
+    def num_samples(self) -> int:
+        """Units (samples or packs) in the current epoch."""
+        return len(self.plan.units(self.epoch))
 
     def epoch_order(self) -> list[Unit]:
         return self.plan.units(self.epoch)

@@ -16,7 +16,6 @@ positions of all later samples stay where they were.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from zerovl.config import DatasetSpec
 from zerovl.data.images import load_image_bytes
 from zerovl.data.readers import sample_from_shard_record
+from zerovl.data.sampler import InterleavedPosition
 from zerovl.data.shards import count_samples, read_shard
 from zerovl.data.template import ChatTemplate, TooLong
 from zerovl.errors import DataError
@@ -34,7 +34,7 @@ from zerovl.errors import DataError
 log = logging.getLogger(__name__)
 
 
-class ShardSampler:
+class ShardSampler(InterleavedPosition):
     """Positions of a streamed shard list; the same interface as ResumableBatchSampler."""
 
     def __init__(self, shards: list[str], counts: list[int], batch_size: int, rank: int = 0,
@@ -52,23 +52,6 @@ class ShardSampler:
         counts = [count_samples(s) for s in shards]
         log.info("webdataset: %d samples in %d shards", sum(counts), len(shards))
         return cls(shards, counts, *args, **kwargs)
-
-    @property
-    def per_rank(self) -> int:
-        return math.ceil(max(0, self.num_samples - self.consumed) / self.world_size)
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.batch_size * self.world_size
-
-    def __len__(self) -> int:
-        return math.ceil(self.per_rank / self.batch_size)
-
-    def full_epoch_batches(self) -> int:
-        return math.ceil(math.ceil(self.num_samples / self.world_size) / self.batch_size)
-
-    def set_position(self, epoch: int, consumed: int = 0, phase: int = 0) -> None:
-        self.epoch, self.consumed, self.phase = epoch, consumed, phase
 
     # -- where a position lives -----------------------------------------------------------------
     def shard_order(self, epoch: int | None = None) -> list[int]:
