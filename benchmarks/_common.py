@@ -15,6 +15,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,52 @@ def summary(times: dict[str, list[float]], ours: str, theirs: str) -> dict[str, 
 
 def write_result(work: Path, result: dict[str, Any]) -> None:
     (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def zerovl_train(cfg, is_main: bool) -> tuple[list[tuple[int, float]], float | None]:
+    """zerovl's recipe, unchanged: (per-step timestamps, step-1 loss) from its metrics.jsonl (rank 0)."""
+    from zerovl.engine.metrics import read_metrics
+    from zerovl.recipes import train as recipe
+
+    recipe.train(cfg)
+    if not is_main:
+        return [], None
+    records = [r for r in read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl") if r.get("split") == "train"]
+    first = next((r["loss"] for r in records if r["step"] == 1), None)  # absent with train.log_every > 1
+    return [(r["step"], r["time"]) for r in records], first
+
+
+class ContenderFailed(Exception):
+    """A contender cannot run here; it has already written the reason as the result."""
+
+
+Contender = Callable[[Any, Path], tuple[list[tuple[int, float]], float | None]]
+
+
+def alternate_rounds(args: argparse.Namespace, name: str, contender: Contender) -> None:
+    """On a rank: run ``contender(cfg, run_dir)`` and zerovl's recipe once per round, the order
+    alternating, then write rank 0's per-step times and the ratio zerovl / ``name``."""
+    from zerovl.engine.distributed import init_distributed, shutdown
+    from zerovl.recipes import train as recipe
+
+    dist = init_distributed()
+    recipe.shutdown = lambda: None  # train() ends the process group; keep it for the next round
+    work = Path(args.work)
+    runners = {name: contender, "zerovl": lambda cfg, _: zerovl_train(cfg, dist.is_main)}
+    times: dict[str, list[float]] = {n: [] for n in runners}
+    first_losses: dict[str, list[float | None]] = {n: [] for n in runners}
+    try:
+        for round_ in range(args.rounds):
+            for n in (name, "zerovl") if round_ % 2 == 0 else ("zerovl", name):
+                run_dir = work / "runs" / f"{n}_{round_}"
+                stamps, loss = runners[n](demo_config(work, run_dir, args.steps, args.overrides), run_dir)
+                if dist.is_main:
+                    times[n].append(per_step(stamps, args.warmup))
+                    first_losses[n].append(loss)
+                    print(f"[round {round_}] {n}: {times[n][-1] * 1000:.1f} ms/step, step-1 loss {loss}", flush=True)
+    except ContenderFailed:
+        shutdown()
+        return
+    if dist.is_main:
+        write_result(work, {**summary(times, "zerovl", name), "first_losses": first_losses, "args": vars(args)})
+    shutdown()

@@ -82,19 +82,6 @@ def plain_deepspeed(cfg, steps: int, groups: str) -> tuple[list[tuple[int, float
     return stamps, first_loss
 
 
-def zerovl_train(cfg, is_main: bool) -> tuple[list[tuple[int, float]], float | None]:
-    """zerovl's recipe, unchanged: (per-step timestamps, step-1 loss) from its metrics.jsonl (rank 0)."""
-    from zerovl.engine.metrics import read_metrics
-    from zerovl.recipes import train as recipe
-
-    recipe.train(cfg)
-    if not is_main:
-        return [], None
-    records = [r for r in read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl") if r.get("split") == "train"]
-    first = next((r["loss"] for r in records if r["step"] == 1), None)  # absent with train.log_every > 1
-    return [(r["step"], r["time"]) for r in records], first
-
-
 def main() -> None:
     args = _common.arguments(__doc__.splitlines()[0], extra=lambda p: p.add_argument(
         "--plain-groups", choices=("zerovl", "single"), default="zerovl",
@@ -113,31 +100,7 @@ def main() -> None:
               f"({(result['ratio_of_medians'] - 1) * 100:+.1f} %; goal <= +3 %)")
         return
 
-    from zerovl.engine.distributed import init_distributed, shutdown
-    from zerovl.recipes import train as recipe
-
-    dist = init_distributed()
-    recipe.shutdown = lambda: None  # train() ends the process group; keep it for the next round
-    work = Path(args.work)
-    times: dict[str, list[float]] = {"plain": [], "zerovl": []}
-    first_losses: dict[str, list[float]] = {"plain": [], "zerovl": []}
-    for round_ in range(args.rounds):
-        order = ("plain", "zerovl") if round_ % 2 == 0 else ("zerovl", "plain")
-        for name in order:
-            cfg = _common.demo_config(work, work / "runs" / f"{name}_{round_}", args.steps, args.overrides)
-            if name == "plain":
-                stamps, loss = plain_deepspeed(cfg, args.steps, args.plain_groups)
-            else:
-                stamps, loss = zerovl_train(cfg, dist.is_main)
-            if dist.is_main:
-                times[name].append(_common.per_step(stamps, args.warmup))
-                first_losses[name].append(loss)
-                print(f"[round {round_}] {name}: {times[name][-1] * 1000:.1f} ms/step, step-1 loss {loss}", flush=True)
-    if dist.is_main:
-        _common.write_result(work, {**_common.summary(times, "zerovl", "plain"), "first_losses": first_losses,
-                                    "args": vars(args)})
-    shutdown()
-
+    _common.alternate_rounds(args, "plain", lambda cfg, _: plain_deepspeed(cfg, args.steps, args.plain_groups))
 
 if __name__ == "__main__":
     main()

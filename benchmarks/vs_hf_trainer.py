@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-from overhead_vs_plain_deepspeed import zerovl_train  # noqa: E402
 
 
 def hf_trainer(cfg, steps: int, run_dir: Path) -> tuple[list[tuple[int, float]], float | None]:
@@ -127,39 +126,18 @@ def main() -> None:
 
     import traceback
 
-    from zerovl.engine.distributed import init_distributed, shutdown
-    from zerovl.recipes import train as recipe
+    from zerovl.engine.distributed import init_distributed
 
-    dist = init_distributed()
-    recipe.shutdown = lambda: None  # train() ends the process group; keep it for the next round
-    work = Path(args.work)
-    times: dict[str, list[float]] = {"hf_trainer": [], "zerovl": []}
-    first_losses: dict[str, list[float | None]] = {"hf_trainer": [], "zerovl": []}
-    for round_ in range(args.rounds):
-        order = ("hf_trainer", "zerovl") if round_ % 2 == 0 else ("zerovl", "hf_trainer")
-        for name in order:
-            run_dir = work / "runs" / f"{name}_{round_}"
-            cfg = _common.demo_config(work, run_dir, args.steps, args.overrides)
-            if name == "hf_trainer":
-                try:
-                    stamps, loss = hf_trainer(cfg, args.steps, run_dir)
-                except Exception as e:  # record why HF Trainer cannot run here, exactly
-                    if dist.is_main:
-                        traceback.print_exc()
-                        _common.write_result(work, {"error": f"{type(e).__name__}: {e}"})
-                    shutdown()
-                    return
-            else:
-                stamps, loss = zerovl_train(cfg, dist.is_main)
-            if dist.is_main:
-                times[name].append(_common.per_step(stamps, args.warmup))
-                first_losses[name].append(loss)
-                print(f"[round {round_}] {name}: {times[name][-1] * 1000:.1f} ms/step, step-1 loss {loss}", flush=True)
-    if dist.is_main:
-        _common.write_result(work, {**_common.summary(times, "zerovl", "hf_trainer"), "first_losses": first_losses,
-                                    "args": vars(args)})
-    shutdown()
+    def hf_or_reason(cfg, run_dir: Path):
+        try:
+            return hf_trainer(cfg, args.steps, run_dir)
+        except Exception as e:  # record why HF Trainer cannot run here, exactly
+            if init_distributed().is_main:
+                traceback.print_exc()
+                _common.write_result(Path(args.work), {"error": f"{type(e).__name__}: {e}"})
+            raise _common.ContenderFailed from e
 
+    _common.alternate_rounds(args, "hf_trainer", hf_or_reason)
 
 if __name__ == "__main__":
     main()
