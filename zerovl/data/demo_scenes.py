@@ -37,20 +37,19 @@ QUESTION_TYPES = ("colour", "shape", "count", "position")
 class Shape:
     colour: str
     shape: str
-    slot: int  # column: 0 = left, 1 = middle, 2 = right
-    row: int = 1  # 0 = top, 1 = centre, 2 = bottom
+    slot: int  # column of the row: 0 = left, 1 = middle, 2 = right
 
     @property
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
 
 
-def random_scene(rng: random.Random, rows: int = 3) -> list[Shape]:
+def random_scene(rng: random.Random) -> list[Shape]:
     k = rng.randint(1, 3)
     colours = rng.sample(sorted(COLOURS), k)
     shapes = rng.sample(SHAPES, k)
     slots = sorted(rng.sample(range(3), k))
-    return [Shape(c, s, p, 1 if rows == 1 else rng.randrange(3)) for c, s, p in zip(colours, shapes, slots)]
+    return [Shape(c, s, p) for c, s, p in zip(colours, shapes, slots)]
 
 
 def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float = 0.5,
@@ -63,7 +62,7 @@ def draw_scene(scene: list[Shape], size: int, rng: random.Random, jitter: float 
         # one object per cell of a 3x3 grid, jittered a little, never crossing its cell
         r = (radius + rng.uniform(-0.06, 0.06) * jitter) * cell
         cx = (obj.slot + 0.5 + rng.uniform(-0.08, 0.08) * jitter) * cell
-        cy = (obj.row + 0.5 + rng.uniform(-0.08, 0.08) * jitter) * cell
+        cy = (1.5 + rng.uniform(-0.08, 0.08) * jitter) * cell  # the middle row of the 3x3 grid
         style = {"fill": COLOURS[obj.colour]}
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], **style)
@@ -125,8 +124,7 @@ def text_only_record(rng: random.Random) -> dict:
 
 
 def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: int = 150,
-             image_size: int = 48, seed: int = 0, jitter: float = 0.5, rows: int = 1,
-             radius: float = 0.42, train_position_questions: int = 2) -> dict[str, Path]:
+             image_size: int = 48, seed: int = 0, jitter: float = 0.5, radius: float = 0.42, train_position_questions: int = 2) -> dict[str, Path]:
     """Write images, ``train.jsonl``, ``val.jsonl`` and ``tokenizer/`` under ``out_dir``."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -134,7 +132,7 @@ def generate(out_dir: str | Path, num_train_images: int = 3000, num_val_images: 
     splits = {"train": [], "val": []}
     for split, count in (("train", num_train_images), ("val", num_val_images)):
         for i in range(count):
-            scene = random_scene(rng, rows)
+            scene = random_scene(rng)
             rel = f"images/{split}_{i:05d}.png"
             draw_scene(scene, image_size, rng, jitter, radius).save(out / rel)
             # val keeps one question per line so exact-match accuracy is per question

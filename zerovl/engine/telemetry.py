@@ -66,8 +66,7 @@ def optimizer_state_bytes(engine) -> int:
 def replicated_grad_norm(module: torch.nn.Module) -> float:
     """L2 norm of the already all-reduced gradients, for ZeRO-0 fp32 where DeepSpeed computes the
     norm inside gradient clipping but does not keep it (``get_global_grad_norm()`` is None)."""
-    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    return float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
 
 
 def peak_memory_bytes() -> int:
