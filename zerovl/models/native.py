@@ -9,7 +9,6 @@ by 0, so every rank calls the same modules.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -214,7 +213,3 @@ def build_native(settings, tokenizer, dtype: torch.dtype, data_max_pixels: int):
                                data_max_pixels)
     return NativeVLM(model, ids["image_token_id"]), NativeImageProcessor(processor), tokens
 
-
-def native_tokens_per_image_bound(tokens: NativeImageTokens) -> int:
-    """The most image tokens one image can become (for planning and length checks)."""
-    return math.ceil(tokens.max_pixels / (tokens.patch * tokens.merge) ** 2)
