@@ -24,38 +24,55 @@ def fit_max_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     return w, h
 
 
+def _opened(path_or_file, name: str, source: str | None):
+    """Image.open with every way it fails (missing, unreadable, decompression bomb) as one DataError line."""
+    source = f"{source}: " if source else ""
+    try:
+        return Image.open(path_or_file)
+    except FileNotFoundError:
+        raise DataError(f"{source}image {name} not found") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{source}image {name} is a decompression bomb ({e}); shrink it offline or set "
+                        "data.skip_bad_samples=true to skip it") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{source}image {name} cannot be read ({e.__class__.__name__})") from None
+
+
+def image_size(path: str, source: str | None = None) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding pixels."""
+    with _opened(path, path, source) as im:
+        return im.width, im.height
+
+
+def _decode(opened: Image.Image, max_pixels: int, name: str, source: str) -> Image.Image:
+    """RGB at exactly ``fit_max_pixels`` of the original size. A JPEG much larger than that is decoded at a
+    reduced scale (draft mode: 1/2, 1/4 or 1/8, never below the target), so a 50-megapixel photo never
+    exists in full in memory; the final resize lands on the same size as without draft mode."""
+    with opened as im:
+        target = fit_max_pixels(im.width, im.height, max_pixels)
+        try:
+            if target != im.size and im.format == "JPEG":
+                im.draft("RGB", target)
+            im.load()
+            image = im.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{source}: image {name} cannot be read ({e.__class__.__name__})") from None
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.BICUBIC)
+    return image
+
+
 def load_image(path: str, max_pixels: int, source: str = "?") -> Image.Image:
     """Open as RGB and downscale to at most ``max_pixels`` pixels, keeping aspect ratio.
 
     Any failure is a DataError naming the sample (``file:line``) and the image path.
     """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            image = im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"{source}: image {path} not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{source}: image {path} cannot be read ({e.__class__.__name__})") from None
-    return _bounded(image, max_pixels)
+    return _decode(_opened(path, path, source), max_pixels, path, source)
 
 
 def load_image_bytes(data: bytes, max_pixels: int, source: str = "?", name: str = "image") -> Image.Image:
     """Like :func:`load_image` for an image held in memory (a member of a tar shard)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{source}: image {name} cannot be read ({e.__class__.__name__})") from None
-    return _bounded(image, max_pixels)
-
-
-def _bounded(image: Image.Image, max_pixels: int) -> Image.Image:
-    size = fit_max_pixels(image.width, image.height, max_pixels)
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    return image
+    return _decode(_opened(io.BytesIO(data), name, source), max_pixels, name, source)
 
 
 def image_problem(path: str | None = None, data: bytes | None = None) -> str | None:
@@ -65,6 +82,6 @@ def image_problem(path: str | None = None, data: bytes | None = None) -> str | N
             im.load()
     except FileNotFoundError:
         return "missing_image"
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return "corrupt_image"
     return None

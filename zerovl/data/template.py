@@ -76,10 +76,8 @@ class ChatTemplate:
         for path in sample.images:
             try:
                 counts.append(self.tokens_per_image(path))
-            except FileNotFoundError:
-                raise DataError(f"{sample.source}: image {path} not found") from None
-            except OSError as e:
-                raise DataError(f"{sample.source}: image {path} cannot be read ({e.__class__.__name__})") from None
+            except DataError as e:  # the image's own problem; say which sample holds it
+                raise DataError(f"{sample.source}: {e}") from None
         return counts
 
     def _messages(self, sample: Sample) -> tuple[list[dict[str, str]], int]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from zerovl.engine.distributed import DistInfo, barrier, configure_accelerator
-from zerovl.errors import CheckpointError
+from zerovl.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,22 @@ STATE_FILE = "zerovl_state.json"
 DONE_FILE = "COMPLETE"
 LATEST_FILE = "latest"
 _TAG = re.compile(r"^step_(\d+)$")
+
+
+def ensure_writable(output_dir: str | Path, rank: int = 0) -> None:
+    """Create the run directory and prove this rank can write there, before any model is built: an
+    unwritable ``train.output_dir`` must stop every rank at once with one line, not an hour later at the
+    first checkpoint (or on rank 0 only, leaving the others waiting)."""
+    path = Path(output_dir)
+    probe = path / f".zerovl_write_test_{rank}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or e.__class__.__name__
+        raise ConfigError(f"train.output_dir {path}: cannot write there ({reason}); "
+                          "choose a writable directory") from None
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

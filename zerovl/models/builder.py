@@ -226,7 +226,7 @@ def text_side(settings: ModelSettings, data_max_pixels: int = 1024 * 1024):
     if settings.native is not None:
         from transformers import AutoConfig
 
-        from zerovl.models.native import NativeImageTokens
+        from zerovl.models.native import native_resolution
 
         native = settings.native
         if native.path is not None:
@@ -234,8 +234,8 @@ def text_side(settings: ModelSettings, data_max_pixels: int = 1024 * 1024):
         else:
             inline = dict(native.config)
             vcfg = AutoConfig.for_model(inline.pop("model_type", "qwen2_vl"), **inline).vision_config
-        tokens = NativeImageTokens(vcfg.patch_size, vcfg.spatial_merge_size, native.min_pixels, native.max_pixels,
-                                   data_max_pixels)
+        tokens, origin = native_resolution(native, vcfg, data_max_pixels)
+        log.info("native image processor: %s", origin)
         return tokenizer, tokens, IMAGE_PAD, image_text
     if settings.vision is None:
         return tokenizer, 0, settings.image_token, None

@@ -9,6 +9,8 @@ by 0, so every rank calls the same modules.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import torch
@@ -18,6 +20,7 @@ from zerovl.errors import ConfigError, DataError
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
+log = logging.getLogger(__name__)
 
 
 class NativeVLM(nn.Module):
@@ -130,26 +133,89 @@ class NativeVLM(nn.Module):
         return out[:, input_ids.shape[1]:]
 
 
-class NativeImageTokens:
-    """How many image-pad tokens an image becomes: the processor's dynamic-resolution resize
-    (``smart_resize`` into [min_pixels, max_pixels], sides multiple of patch x merge), read from the
-    image header only — the text can be tokenized before any pixel is decoded."""
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280  # transformers' Qwen2-VL processor defaults
+MAX_ASPECT = 200  # smart_resize refuses more extreme images
+
+
+def directory_pixel_range(path: str | None) -> tuple[int | None, int | None]:
+    """(min_pixels, max_pixels) as a model directory's preprocessor_config.json states them, in any of the
+    forms in the wild: top-level ``min_pixels``/``max_pixels`` (the original Qwen2-VL release), a ``size``
+    dict with ``min_pixels``/``max_pixels`` or ``shortest_edge``/``longest_edge`` (re-saved by newer
+    transformers), or nothing. Top-level keys win, as transformers' own constructor lets them."""
+    file = os.path.join(path, "preprocessor_config.json") if path else None
+    if file is None or not os.path.isfile(file):
+        return None, None
+    try:
+        with open(file, encoding="utf-8-sig") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON ({e}); fix or remove it") from None
+    size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+    low = raw.get("min_pixels", size.get("min_pixels", size.get("shortest_edge")))
+    high = raw.get("max_pixels", size.get("max_pixels", size.get("longest_edge")))
+    return (int(low) if low is not None else None), (int(high) if high is not None else None)
+
+
+def pixel_range(native) -> tuple[int, int, str]:
+    """The [min, max] pixels in force: model.native.min_pixels/max_pixels when given, else the model
+    directory's preprocessor values, else transformers' defaults — and where each came from."""
+    file_low, file_high = directory_pixel_range(native.path)
+    origin_file = os.path.join(native.path, "preprocessor_config.json") if native.path else None
+
+    def pick(ours, theirs, default, key):
+        if ours is not None:
+            return ours, f"model.native.{key}"
+        if theirs is not None:
+            return theirs, origin_file
+        return default, "default"
+
+    low, low_from = pick(native.min_pixels, file_low, DEFAULT_MIN_PIXELS, "min_pixels")
+    high, high_from = pick(native.max_pixels, file_high, DEFAULT_MAX_PIXELS, "max_pixels")
+    if low > high:
+        raise ConfigError(f"min_pixels={low} (from {low_from}) exceeds max_pixels={high} (from {high_from}); "
+                          "set model.native.min_pixels/max_pixels so that min <= max")
+    return low, high, f"min_pixels={low} ({low_from}), max_pixels={high} ({high_from})"
+
+
+class DynamicResolution:
+    """Qwen2-VL's dynamic resolution in one place: the size an image is resized to, and so its patch grid
+    and its number of image-pad tokens. The chat template counts tokens with it from the image header
+    (the text is tokenized before any pixel is decoded) and the image processor resizes with it, so the
+    token count in the text and the features the vision tower makes cannot disagree."""
 
     def __init__(self, patch: int, merge: int, min_pixels: int, max_pixels: int, data_max_pixels: int):
         self.patch, self.merge = patch, merge
         self.min_pixels, self.max_pixels, self.data_max_pixels = min_pixels, max_pixels, data_max_pixels
 
-    def __call__(self, path: str) -> int:
-        from PIL import Image
+    def resized(self, width: int, height: int, name: str = "image") -> tuple[int, int]:
+        """(width, height) the vision tower sees: bounded by data.max_pixels, then smart_resize into
+        [min_pixels, max_pixels] with sides a multiple of patch x merge."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         from zerovl.data.images import fit_max_pixels
 
-        with Image.open(path) as im:
-            width, height = fit_max_pixels(im.width, im.height, self.data_max_pixels)
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise DataError(f"image {name} is {width}x{height}, beyond Qwen2-VL's {MAX_ASPECT}:1 aspect-ratio "
+                            "limit; crop or pad it, or set data.skip_bad_samples=true to skip such samples")
+        width, height = fit_max_pixels(width, height, self.data_max_pixels)
         h, w = smart_resize(height, width, factor=self.patch * self.merge, min_pixels=self.min_pixels,
                             max_pixels=self.max_pixels)
-        return (h // self.patch) * (w // self.patch) // (self.merge**2)
+        return w, h
+
+    def grid(self, width: int, height: int, name: str = "image") -> tuple[int, int, int]:
+        w, h = self.resized(width, height, name)
+        return 1, h // self.patch, w // self.patch
+
+    def tokens(self, width: int, height: int, name: str = "image") -> int:
+        _, gh, gw = self.grid(width, height, name)
+        return gh * gw // self.merge**2
+
+    def __call__(self, path: str) -> int:
+        """Image-pad tokens for an image file, read from its header only."""
+        from zerovl.data.images import image_size
+
+        width, height = image_size(path)
+        return self.tokens(width, height, path)
 
     def describe(self) -> str:
         return f"dynamic(patch={self.patch},merge={self.merge},pixels={self.min_pixels}..{self.max_pixels})"
@@ -160,20 +226,39 @@ def image_text(count: int) -> str:
 
 
 class NativeImageProcessor:
-    """Picklable: PIL images -> {"pixel_values": (patches, C*T*P*P), "image_grid_thw": (images, 3)}."""
+    """Picklable: PIL images -> {"pixel_values": (patches, C*T*P*P), "image_grid_thw": (images, 3)}.
 
-    def __init__(self, processor):
+    Images are resized here by :class:`DynamicResolution` and handed to the HF processor with
+    ``do_resize=False``: the HF processor only normalises and patchifies, so its own pixel limits (from
+    whichever form of preprocessor_config.json) can never produce a grid the text did not count."""
+
+    def __init__(self, processor, resolution: DynamicResolution):
         self.processor = processor
+        self.resolution = resolution
 
     def __call__(self, images: list) -> dict[str, torch.Tensor]:
-        out = self.processor(images=images, return_tensors="pt")
+        from PIL import Image
+
+        sized, expected = [], []
+        for image in images:
+            w, h = self.resolution.resized(image.width, image.height)
+            sized.append(image if image.size == (w, h) else image.resize((w, h), Image.Resampling.BICUBIC))
+            expected.append([1, h // self.resolution.patch, w // self.resolution.patch])
+        out = self.processor(images=sized, do_resize=False, return_tensors="pt")
+        if out["image_grid_thw"].tolist() != expected:
+            raise DataError(f"the image processor made grids {out['image_grid_thw'].tolist()} where "
+                            f"{expected} were counted; its patch_size/merge_size differ from the model's")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
+def native_resolution(native, vcfg, data_max_pixels: int) -> tuple[DynamicResolution, str]:
+    low, high, origin = pixel_range(native)
+    return DynamicResolution(vcfg.patch_size, vcfg.spatial_merge_size, low, high, data_max_pixels), origin
+
+
 def build_native(settings, tokenizer, dtype: torch.dtype, data_max_pixels: int):
-    """(NativeVLM, NativeImageProcessor, NativeImageTokens) for model.native."""
+    """(NativeVLM, NativeImageProcessor, DynamicResolution) for model.native."""
     from transformers import AutoConfig, AutoModelForImageTextToText
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from zerovl.models.weights import to_dtype
 
@@ -200,16 +285,27 @@ def build_native(settings, tokenizer, dtype: torch.dtype, data_max_pixels: int):
         model = to_dtype(AutoModelForImageTextToText.from_config(config, dtype=dtype), dtype)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    vcfg = config.vision_config
-    processor = Qwen2VLImageProcessorPil(min_pixels=native.min_pixels, max_pixels=native.max_pixels,
-                                         patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
-                                         temporal_patch_size=vcfg.temporal_patch_size)
-    if native.path is not None and os.path.isfile(os.path.join(native.path, "preprocessor_config.json")):
+    resolution, origin = native_resolution(native, config.vision_config, data_max_pixels)
+    log.info("native image processor: %s", origin)
+    processor = native_image_processor(native.path, config.vision_config, resolution)
+    return NativeVLM(model, ids["image_token_id"]), processor, resolution
+
+
+def native_image_processor(path: str | None, vcfg, resolution: DynamicResolution) -> NativeImageProcessor:
+    """The directory's own processor (its mean/std) when it has one, else transformers' defaults; the
+    limits in force are written into it, so an export's preprocessor_config.json states what training used."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    sizes = {"min_pixels": resolution.min_pixels, "max_pixels": resolution.max_pixels}
+    if path is not None and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(
-            native.path, backend="pil", size={"shortest_edge": native.min_pixels, "longest_edge": native.max_pixels})
-    tokens = NativeImageTokens(vcfg.patch_size, vcfg.spatial_merge_size, native.min_pixels, native.max_pixels,
-                               data_max_pixels)
-    return NativeVLM(model, ids["image_token_id"]), NativeImageProcessor(processor), tokens
-
+        processor = AutoImageProcessor.from_pretrained(path, backend="pil", **sizes)
+        theirs = (processor.patch_size, processor.merge_size)
+        if theirs != (vcfg.patch_size, vcfg.spatial_merge_size):
+            raise ConfigError(f"{path}/preprocessor_config.json: patch_size/merge_size {theirs} differ from "
+                              f"config.json's vision_config ({vcfg.patch_size}, {vcfg.spatial_merge_size})")
+    else:
+        processor = Qwen2VLImageProcessorPil(**sizes, patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
+                                             temporal_patch_size=vcfg.temporal_patch_size)
+    return NativeImageProcessor(processor, resolution)

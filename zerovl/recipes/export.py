@@ -47,8 +47,8 @@ def _export_native(cfg, built, out: Path) -> dict[str, Any]:
     hf.save_pretrained(out / "model", safe_serialization=True)
     built.tokenizer.save_pretrained(out / "model")
     built.image_processor.processor.save_pretrained(out / "model")
-    native = cfg.model.native
-    return {"native": {"path": "model", "min_pixels": native.min_pixels, "max_pixels": native.max_pixels},
+    resolution = built.image_processor.resolution  # the limits training used, whatever their source
+    return {"native": {"path": "model", "min_pixels": resolution.min_pixels, "max_pixels": resolution.max_pixels},
             "tokenizer": "model", "llm": {"mode": "full"}}
 
 

@@ -100,9 +100,9 @@ def train(cfg: Config) -> dict[str, Any]:
     import deepspeed
 
     out = Path(cfg.train.output_dir)
+    checkpoint.ensure_writable(out, dist.rank)  # every rank, before any collective: all stop together
     ds_config = build_ds_config(cfg, dist.world_size, dist.on_cpu)  # may adopt values from DeepSpeed's config
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     set_seed(cfg.train.seed)
 
