@@ -213,21 +213,22 @@ def train(cfg: Config) -> dict[str, Any]:
             state_bytes = state_bytes or optimizer_state_bytes(engine)  # Adam creates its state at step 1
             # one collective per step: every rank's figures, memory and stop signal (a rank's SIGTERM
             # thereby reaches all ranks at the same step)
-            per_rank = all_gather_floats([loss_sum, samples, tokens, vision_tokens, stop_signal.flag,
+            per_rank = all_gather_floats([loss_sum, samples, tokens, vision_tokens, stop_signal.flag, skipped,
                                           peak_memory_bytes(), state_bytes], dist.device)
-            loss_sum, samples, tokens, vision_tokens, stop = (sum(r[i] for r in per_rank) for i in range(5))
+            loss_sum, samples, tokens, vision_tokens, stop, skipped_all = (sum(r[i] for r in per_rank)
+                                                                           for i in range(6))
             elapsed = time.perf_counter() - started
             grad_norm = engine.get_global_grad_norm()
             grad_norm = own_norm if grad_norm is None else grad_norm
-            peaks = [int(r[5]) for r in per_rank]
+            peaks = [int(r[6]) for r in per_rank]
             record = {"split": "train", "step": step, "epoch": stream.epoch, "consumed": stream.consumed,
                       "loss": loss_sum / (accum * dist.world_size), "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped_samples": skipped,
+                      "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped_samples": int(skipped_all),
                       "data_wait_frac": timer.seconds["data"] / elapsed,
                       **{f"time_{k}": v for k, v in timer.seconds.items()}, "time_total": elapsed,
                       **flops.figures(tokens, vision_tokens, elapsed),
-                      "peak_mem_bytes": peaks, "optimizer_state_bytes": [int(r[6]) for r in per_rank]}
+                      "peak_mem_bytes": peaks, "optimizer_state_bytes": [int(r[7]) for r in per_rank]}
             if dist.is_main and not memory_warned and min(peaks) > 0 and max(peaks) > 1.3 * min(peaks):
                 memory_warned = True
                 log.warning("uneven memory: rank %d peaks at %.1f GiB, rank %d at %.1f GiB (>30%% apart)",
