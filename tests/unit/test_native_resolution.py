@@ -136,3 +136,13 @@ def test_unreadable_or_missing_image_header_is_a_data_error(tmp_path):
         resolution(str(bad))
     with pytest.raises(DataError, match="nope.jpg not found"):
         resolution(str(tmp_path / "nope.jpg"))
+
+
+def test_shard_member_bytes_are_counted_from_their_header(tmp_path):
+    """A webdataset sample's image is bytes in a tar, not a path: its header is read from the bytes."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 427)).save(buf, format="JPEG")
+    resolution = DynamicResolution(14, 2, 3136, 1003520, 1 << 40)
+    assert resolution("shard.tar:key.jpg", buf.getvalue()) == resolution.tokens(640, 427) > 0

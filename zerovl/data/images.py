@@ -38,9 +38,9 @@ def _opened(path_or_file, name: str, source: str | None):
         raise DataError(f"{source}image {name} cannot be read ({e.__class__.__name__})") from None
 
 
-def image_size(path: str, source: str | None = None) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding pixels."""
-    with _opened(path, path, source) as im:
+def image_size(path: str, source: str | None = None, data: bytes | None = None) -> tuple[int, int]:
+    """(width, height) from the file header (or from ``data``, an in-memory file), without decoding pixels."""
+    with _opened(io.BytesIO(data) if data is not None else path, path, source) as im:
         return im.width, im.height
 
 

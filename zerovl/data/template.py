@@ -73,9 +73,10 @@ class ChatTemplate:
         if isinstance(self.tokens_per_image, int):
             return [self.tokens_per_image] * len(sample.images)
         counts = []
-        for path in sample.images:
+        held = sample.meta.get("image_bytes")  # tar-shard samples carry their images, not paths
+        for i, path in enumerate(sample.images):
             try:
-                counts.append(self.tokens_per_image(path))
+                counts.append(self.tokens_per_image(path, held[i] if held is not None else None))
             except DataError as e:  # the image's own problem; say which sample holds it
                 raise DataError(f"{sample.source}: {e}") from None
         return counts

@@ -210,11 +210,11 @@ class DynamicResolution:
         _, gh, gw = self.grid(width, height, name)
         return gh * gw // self.merge**2
 
-    def __call__(self, path: str) -> int:
-        """Image-pad tokens for an image file, read from its header only."""
+    def __call__(self, path: str, data: bytes | None = None) -> int:
+        """Image-pad tokens for an image file (or its bytes, for shard members), from its header only."""
         from zerovl.data.images import image_size
 
-        width, height = image_size(path)
+        width, height = image_size(path, data=data)
         return self.tokens(width, height, path)
 
     def describe(self) -> str:
