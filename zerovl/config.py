@@ -8,15 +8,16 @@ pydantic traceback.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from zerovl import config_aliases
 from zerovl.errors import ConfigError
 
 PartMode = Literal["frozen", "full", "lora"]
@@ -87,12 +88,13 @@ class NativeSettings(_Strict):
 
     path: str | None = None
     config: dict[str, Any] | None = None
-    min_pixels: int = Field(56 * 56, gt=0, description="dynamic resolution: images are resized into [min, max] pixels")
-    max_pixels: int = Field(28 * 28 * 1280, gt=0)
+    min_pixels: int | None = Field(None, gt=0, description="dynamic resolution: images are resized into [min, "
+                                   "max] pixels; unset = the model directory's preprocessor_config.json value")
+    max_pixels: int | None = Field(None, gt=0, description="unset = the directory's value (Qwen2-VL ships 12845056)")
 
     @model_validator(mode="after")
     def _pixel_range(self) -> NativeSettings:
-        if self.min_pixels > self.max_pixels:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
         return self
 
@@ -141,7 +143,9 @@ class ModelSettings(_Strict):
         return self
 
 
-DataFormat = Literal["messages", "llava", "sharegpt", "coco", "csv", "tsv", "webdataset"]
+DataFormat = Literal["auto", "messages", "llava", "sharegpt", "alpaca", "swift", "minigpt4qwen", "captions", "coco",
+                     "csv", "tsv", "webdataset", "dataset_info"]
+SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 
 
 def _local_path(value: str | None) -> str | None:
@@ -178,8 +182,9 @@ class ReaderOptions(_Strict):
 class DatasetSpec(ReaderOptions):
     """One member of a training mixture; reader options left unset are taken from ``data``."""
 
-    path: str = Field(description="data file, or webdataset shards (brace pattern, e.g. shards/{000..099}.tar)")
-    format: DataFormat = "messages"
+    path: str = Field(description="data file, webdataset shards (brace pattern, e.g. shards/{000..099}.tar), or a "
+                      "LLaMA-Factory dataset_info.json (or its folder) with #NAME[,NAME...]")
+    format: DataFormat = Field("auto", description="auto: told from the file's content (logged)")
     weight: float = Field(1.0, gt=0, description="relative sampling probability in the mixture")
     name: str | None = Field(None, description="label in logs and reports; default: the file name")
 
@@ -199,6 +204,14 @@ class DatasetSpec(ReaderOptions):
     def _absolute_path(cls, value: str) -> str:
         return _local_path(value)
 
+    @field_validator("format")
+    @classmethod
+    def _shards_stream(cls, value: str, info: Any) -> str:
+        # tar shards are told by their path, so the streamed-source checks below see them before any read
+        if value == "auto" and str(info.data.get("path", "")).endswith(SHARD_SUFFIXES):
+            return "webdataset"
+        return value
+
     @property
     def label(self) -> str:
         return self.name or os.path.basename(self.path)
@@ -212,7 +225,8 @@ class DataSettings(ReaderOptions):
     train: str | None = Field(None, description="one training file (shorthand for a one-entry data.datasets)")
     val: str | None = None
     datasets: list[DatasetSpec] = Field(default_factory=list, description="training mixture with weights")
-    format: DataFormat = Field("messages", description="format of data.train and data.val")
+    format: DataFormat = Field("auto", description="format of data.train and data.val; auto: told from each "
+                               "file's content (logged)")
     max_length: int = Field(2048, gt=0)
     max_pixels: int = Field(1024 * 1024, gt=0)
     too_long: Literal["drop", "error"] = Field(
@@ -373,6 +387,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         parts, value = parse_override(item)
+        config_aliases.drop_other_spellings(raw, ".".join(parts))  # the command line wins, however spelled
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -412,11 +427,8 @@ def _format_error(err: dict[str, Any]) -> str:
             break
     key = ".".join(key_parts) or "config"
     if err["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
-        if not near:  # compare the last component against siblings
-            siblings = [k for k in valid_keys() if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0]]
-            near = difflib.get_close_matches(key, siblings, n=1, cutoff=0.3)
-        hint = f" (did you mean {near[0]}?)" if near else ""
+        near = config_aliases.suggest(key, valid_keys())
+        hint = f" (did you mean {near}?)" if near else ""
         return f"unknown key {key}{hint}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
@@ -442,18 +454,25 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a raw mapping; any problem becomes one ConfigError line."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping with model, data, train, deepspeed")
-    raw = copy.deepcopy(raw)
+    try:
+        raw, given_as = config_aliases.canonicalize(raw)  # peers' option names -> zerovl keys (a copy)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     _absolutize(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
         errors = e.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConfigError(f"{source}: {_format_error(errors[0])}{more}") from None
+        message = config_aliases.with_origin(_format_error(errors[0]), given_as)
+        raise ConfigError(f"{source}: {message}{more}") from None
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Load YAML, apply dotted overrides, validate. Raises ConfigError with one readable line."""
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Load YAML, apply dotted overrides, then the environment's MAX_PIXELS / MIN_PIXELS (``environ``,
+    default ``os.environ``) where the config leaves them unset, validate. Raises ConfigError with one
+    readable line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
@@ -468,6 +487,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         if not ds_path.is_absolute() and not ds_path.exists():
             raw["deepspeed"] = str(path.parent / ds_path)  # allow paths relative to the YAML file
     raw = apply_overrides(raw, overrides or [])
+    raw = config_aliases.apply_environment(raw, os.environ if environ is None else environ)
     return from_dict(raw, source=str(path))
 
 

@@ -75,13 +75,17 @@ def test_json_array_errors_name_the_line_of_the_record(tmp_path):
 
 def test_sharegpt_system_and_speaker_names(tmp_path):
     rows = [{"system": "you are helpful", "conversations": as_turns(CHAT[:2]), "images": "a.png"},
-            {"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "x"}]}]
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "narrator", "value": "x"}]},
+            {"conversations": [{"from": "human", "value": "weather?"}, {"from": "function_call", "value": "{}"},
+                               {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]}]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=r"s.jsonl:2: turn 1 has speaker 'function_call'"):
+    with pytest.raises(DataError, match=r"s.jsonl:2: turn 1 has speaker 'narrator'"):
         read(tmp_path / "s.jsonl", "sharegpt")
     samples, report = read(tmp_path / "s.jsonl", "sharegpt", skip_bad=True)
     assert samples[0].messages[0] == {"role": "system", "content": "you are helpful"}
     assert samples[0].images == [str(tmp_path / "a.png")] and report.skipped == 1
+    # LLaMA-Factory tool turns: the call is the model's, the tool's result is input to it
+    assert [m["role"] for m in samples[1].messages] == ["user", "assistant", "user", "assistant"]
 
 
 def test_coco_captions_become_prompted_samples_deterministically(tmp_path):

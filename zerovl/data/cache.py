@@ -34,11 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from zerovl.config import DatasetSpec, DataSettings
+from zerovl.config import DataSettings
 from zerovl.data.dataset import TokenizedDataset, encode_samples
-from zerovl.data.readers import ReadReport, read_dataset
+from zerovl.data.readers import ReadReport, data_files, dataset_keys, read_dataset, resolve_format
 from zerovl.data.samples import Sample
-from zerovl.data.shards import expand_shards
 from zerovl.data.template import ChatTemplate
 from zerovl.data.tokens import TokenPart, TokenTable
 from zerovl.errors import DataError
@@ -68,10 +67,6 @@ def tokenizer_digest(directory: str) -> str:
     return digest.hexdigest()
 
 
-def data_files(spec: DatasetSpec) -> list[str]:
-    return expand_shards(spec.path) if spec.format == "webdataset" else [spec.path]
-
-
 def file_stamp(path: str) -> dict[str, Any]:
     try:
         st = os.stat(path)
@@ -93,7 +88,8 @@ def fingerprint(template: ChatTemplate, data: DataSettings, tokenizer_dir: str) 
         "max_length": data.max_length,
         "too_long": data.too_long,
         "skip_bad_samples": data.skip_bad_samples,
-        "datasets": [{**spec.model_dump(mode="json", exclude={"weight", "name"}),
+        # auto is fingerprinted as the format it resolves to, so a cache made with either matches
+        "datasets": [{**resolve_format(spec).model_dump(mode="json", exclude={"weight", "name"}),
                       "files": [file_stamp(p) for p in data_files(spec)]} for spec in data.train_datasets()],
     }
 
@@ -199,8 +195,8 @@ def prepare_cache(data: DataSettings, template: ChatTemplate, tokenizer_dir: str
 
     result = PrepareResult()
     tasks, shards, everything = [], [], []
-    for d, spec in enumerate(data.train_datasets()):
-        report = ReadReport(skip_bad=data.skip_bad_samples)
+    for d, (spec, key) in enumerate(zip(data.train_datasets(), dataset_keys(data))):
+        report = ReadReport(skip_bad=data.skip_bad_samples, key=key)
         samples = read_dataset(spec, report)
         everything.append(samples)
         result.dropped.update(report.counts)

@@ -247,7 +247,7 @@ def build_dataset(path: str, data, template: ChatTemplate, image_processor: Imag
     """Read ``path`` in the configured format (``data`` is the DataSettings) and encode it."""
     from zerovl.data.readers import ReadReport, read_dataset
 
-    report = ReadReport(skip_bad=data.skip_bad_samples)
+    report = ReadReport(skip_bad=data.skip_bad_samples, key=name)
     samples = read_dataset(data.val_dataset(path), report)
     dataset = ChatDataset(samples, template, image_processor, data.max_length, data.max_pixels,
                           data.too_long, data.skip_bad_samples, name=name)

@@ -17,7 +17,7 @@ from zerovl.config import DataSettings
 from zerovl.data.dataset import ChatDataset, ImageProcessor, TokenizedDataset
 from zerovl.data.loader import BatchStream
 from zerovl.data.plan import EpochPlan
-from zerovl.data.readers import ReadReport, read_dataset
+from zerovl.data.readers import ReadReport, dataset_keys, read_dataset
 from zerovl.data.sampler import ResumableBatchSampler
 from zerovl.data.shards import expand_shards
 from zerovl.data.streaming import ShardSampler, WebDatasetStream
@@ -43,8 +43,8 @@ def build_train_set(data: DataSettings, template: ChatTemplate, image_processor:
         members = open_cache(data, template, tokenizer_dir, image_processor, name)
     else:
         members = []
-        for spec in specs:
-            report = ReadReport(skip_bad=data.skip_bad_samples)
+        for spec, key in zip(specs, dataset_keys(data)):
+            report = ReadReport(skip_bad=data.skip_bad_samples, key=key)
             samples = read_dataset(spec, report)
             label = name if len(specs) == 1 else f"{name} {spec.label}"
             member = ChatDataset(samples, template, image_processor, data.max_length, data.max_pixels,

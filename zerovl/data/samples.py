@@ -62,18 +62,77 @@ def validate_sample(sample: Sample) -> None:
         )
 
 
-def resolve_image_paths(images: Any, root: str, source: str) -> list[str]:
-    """A record's image field (one path or a list) as absolute paths under ``root``."""
+class ImageResolver:
+    """Absolute image paths for one dataset file. A relative path is taken under ``root``; when the file
+    is not there, the places other tools resolve it from are tried, once per directory written in the
+    data file, and the first that holds it is used for the whole directory (logged once):
+
+    - ``root``'s parent: LLaMA-Factory keeps paths it cannot find under its ``data/`` folder relative to
+      the working directory, its repository root (``data/mllm_demo_data/1.jpg``);
+    - ``root`` with leading directories of the path dropped: files written relative to another project's
+      root (MiniGPT4Qwen's ``example_data/image2prompt/images/x.png`` beside ``images/``).
+
+    A path found nowhere keeps its plain ``root`` form, so the missing-image error names what the file
+    says. Once ``TRUST_AFTER`` directories resolved directly, the rest are not checked (no ``stat`` per
+    image on datasets with a directory per image).
+    """
+
+    TRUST_AFTER = 16
+
+    def __init__(self, root: str, label: str = ""):
+        self.root = root
+        self.label = label
+        self._dirs: dict[str, str] = {}
+        self._direct = 0
+        self._moved = False
+
+    def __call__(self, path: str, source: str) -> str:
+        if "://" in path:
+            raise RecordError(f"{source}: image {path} is a URL; zerovl reads local files only and never "
+                              "downloads: fetch the images and list their paths", kind="remote_image")
+        if os.path.isabs(path):
+            return path
+        directory, name = os.path.split(os.path.normpath(path))
+        base = self._dirs.get(directory)
+        if base is None:
+            base = self._dirs[directory] = self._find(directory, name)
+        return os.path.join(base, name)
+
+    def _find(self, directory: str, name: str) -> str:
+        direct = os.path.join(self.root, directory) if directory else self.root
+        if not directory or (self._direct >= self.TRUST_AFTER and not self._moved) \
+                or os.path.isfile(os.path.join(direct, name)):
+            self._direct += 1
+            return direct
+        parts = directory.split(os.sep)
+        candidates = [os.path.join(os.path.dirname(self.root), directory)]
+        candidates += [os.path.join(self.root, *parts[k:]) for k in range(1, len(parts) + 1)]
+        for candidate in candidates:
+            if os.path.isfile(os.path.join(candidate, name)):
+                if not self._moved:
+                    log.info("%simages written as %s/... are not under %s; found them in %s (set data.image_root "
+                             "to say where they are)", f"{self.label}: " if self.label else "", directory, self.root,
+                             candidate)
+                self._moved = True
+                return candidate
+        return direct
+
+
+def resolve_image_paths(images: Any, root: str | ImageResolver, source: str) -> list[str]:
+    """A record's image field (one path or a list) as absolute paths under ``root`` (a directory, or an
+    :class:`ImageResolver` that also looks where other tools put them)."""
     if images is None:
         return []
     if isinstance(images, str):
         images = [images]
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise RecordError(f"{source}: images must be a path or a list of paths, got {images!r:.80}")
+    if isinstance(root, ImageResolver):
+        return [root(p, source) for p in images]
     return [p if os.path.isabs(p) else os.path.join(root, p) for p in images]
 
 
-def sample_from_messages(record: Any, root: str, source: str) -> Sample:
+def sample_from_messages(record: Any, root: str | ImageResolver, source: str) -> Sample:
     """``{"messages": [...], "images": [...]}`` -> validated Sample (other keys go to ``meta``)."""
     if not isinstance(record, dict) or "messages" not in record:
         raise RecordError(f"{source}: expected an object with a 'messages' list")
@@ -97,7 +156,7 @@ def read_messages_jsonl(
     root = image_root or os.path.dirname(os.path.abspath(path))
     samples: list[Sample] = []
     skipped = skipped if skipped is not None else Counter()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -27,7 +27,7 @@ from zerovl.config import Config, DatasetSpec, DataSettings
 from zerovl.data.cache import PrepareResult, prepare_cache
 from zerovl.data.images import image_problem
 from zerovl.data.plan import mixture_counts
-from zerovl.data.readers import ReadReport, iter_dataset
+from zerovl.data.readers import ReadReport, dataset_keys, iter_dataset, resolve_format
 from zerovl.data.samples import Sample
 from zerovl.data.template import IGNORE_INDEX, ChatTemplate
 from zerovl.errors import DataError
@@ -118,14 +118,14 @@ class CheckReport:
         return self.error_rate <= self.max_error_rate
 
     def render(self) -> str:
-        rows = [f"{'dataset':<28} {'split':<5} {'format':<10} {'records':>8} {'errors':>14} {'>max_len':>9} "
+        rows = [f"{'dataset':<28} {'split':<5} {'format':<12} {'records':>8} {'errors':>14} {'>max_len':>9} "
                 f"{'mean tok':>9} {'max tok':>8}"]
         for d in self.datasets:
             rate = d.error_count / max(d.records, 1)
             over = sum(d.over_max_length.values())
             mean = f"{np.mean(d.lengths):.1f}" if d.lengths else "-"
             top = f"{max(d.lengths)}" if d.lengths else "-"
-            rows.append(f"{d.name[:28]:<28} {d.split:<5} {d.format:<10} {d.records:>8} "
+            rows.append(f"{d.name[:28]:<28} {d.split:<5} {d.format:<12} {d.records:>8} "
                         f"{f'{d.error_count} ({rate:.1%})':>14} {over:>9} {mean:>9} {top:>8}")
         lines = rows
         for d in self.datasets:
@@ -154,10 +154,11 @@ def _image_sources(sample: Sample) -> list[tuple[str, bytes | None]]:
 
 
 def check_dataset(spec: DatasetSpec, split: str, template: ChatTemplate, data: DataSettings, has_vision: bool,
-                  check_images: bool = True) -> DatasetCheck:
+                  check_images: bool = True, key: str | None = None) -> DatasetCheck:
     """Read one dataset like training would, recording every problem instead of stopping at it."""
+    spec = resolve_format(spec, key)  # the table shows what auto chose
     result = DatasetCheck(spec.label, split, spec.format, spec.path, spec.weight)
-    report = ReadReport(skip_bad=True)
+    report = ReadReport(skip_bad=True, key=key)
     seen: dict[str, str | None] = {}
     for sample in iter_dataset(spec, report):
         result.records += 1
@@ -236,10 +237,11 @@ def check_data(cfg: Config, out_dir: str | None = None, max_error_rate: float = 
     template = text_template(cfg)
     data = cfg.data
     has_vision = cfg.model.has_vision
-    checks = [check_dataset(spec, "train", template, data, has_vision, check_images)
-              for spec in data.train_datasets()]
+    checks = [check_dataset(spec, "train", template, data, has_vision, check_images, key)
+              for spec, key in zip(data.train_datasets(), dataset_keys(data))]
     if data.val:
-        checks.append(check_dataset(data.val_dataset(data.val), "val", template, data, has_vision, check_images))
+        checks.append(check_dataset(data.val_dataset(data.val), "val", template, data, has_vision, check_images,
+                                    "data.val"))
     report = CheckReport(checks, data.max_length, max_error_rate)
     train = [c for c in checks if c.split == "train"]
     counts = mixture_counts([c.kept for c in train], [c.weight for c in train]) if any(c.kept for c in train) \
