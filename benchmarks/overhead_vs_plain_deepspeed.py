@@ -1,6 +1,6 @@
 """zerovl's training step against a minimal hand-written DeepSpeed loop: same model, same batches.
 
-    python benchmarks/overhead_vs_plain_deepspeed.py [--steps 40 --rounds 3 --nproc 2] [overrides]
+    python benchmarks/overhead_vs_plain_deepspeed.py [--steps 40 --rounds 3 --nproc 2] [--smoke] [overrides]
 
 The model is the demo's (configs/demo.yaml: SigLIP-style tower + MLP + tiny Qwen2), built by
 ``zerovl.models.builder.build_model`` for both; the DeepSpeed config is ``build_ds_config``'s for
@@ -98,6 +98,8 @@ def main() -> None:
         print(f"zerovl / plain DeepSpeed per-round ratios: {', '.join(f'{r:.3f}' for r in result['ratios'])}")
         print(f"zerovl / plain DeepSpeed (ratio of medians): {result['ratio_of_medians']:.3f} "
               f"({(result['ratio_of_medians'] - 1) * 100:+.1f} %; goal <= +3 %)")
+        if args.smoke:
+            print(_common.SMOKE_NOTE)
         return
 
     _common.alternate_rounds(args, "plain", lambda cfg, _: plain_deepspeed(cfg, args.steps, args.plain_groups))

@@ -3,7 +3,7 @@ dataset with skewed lengths: chats whose length follows a log-normal (many short
 third of them with an image. Batches come from the real sampler, dataset and collate; the figure is
 sum(attention_mask) / numel(input_ids) over one epoch.
 
-    .venv/bin/python benchmarks/packing_efficiency.py [--samples 4000] [--max-length 512] [--batch 8] [--rows 4]
+    .venv/bin/python benchmarks/packing_efficiency.py [--samples 4000] [--max-length 512] [--batch 8] [--rows 4] [--smoke]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import random
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from zerovl.data.plan import EpochPlan
 from zerovl.data.readers import ReadReport, read_dataset
 from zerovl.data.sampler import ResumableBatchSampler
 from zerovl.data.template import ChatTemplate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
 
 
 class NoPixels:
@@ -71,7 +76,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="samples per micro-batch without packing")
     parser.add_argument("--rows", type=int, default=4, help="packed rows per micro-batch")
     parser.add_argument("--out", default="/tmp/zerovl-packing-bench")
+    parser.add_argument("--smoke", action="store_true", help=_common.SMOKE_HELP)
     args = parser.parse_args()
+    if args.smoke:
+        args.samples = 300
+        if args.out == parser.get_default("out"):
+            args.out = _common.smoke_dir("packing")
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,13 +96,18 @@ def main() -> None:
           f"{np.percentile(lengths, 95):.0f}, max {lengths.max()} (max_length {args.max_length})")
     plain = EpochPlan([len(dataset)], seed=0)
     packed = EpochPlan([len(dataset)], seed=0, lengths=lengths, max_length=args.max_length, packing=True)
+    shares = {}
     for name, plan, batch in (("padding", plain, args.batch), ("packing", packed, args.rows)):
         share, batches, real = fill(dataset, plan, batch, tokenizer.pad_token_id)
+        shares[name] = share
         print(f"{name:<8} {batch:>2} rows per micro-batch  {batches:>5} micro-batches  {real:>8,} real tokens  "
               f"non-padding share {share:6.1%}")
     rows = packed.units(0)
     print(f"packing  row fill if every row were padded to max_length: "
           f"{lengths.sum() / (len(rows) * args.max_length):.1%} ({len(rows)} rows)")
+    print(f"non-padding share packing / padding: {shares['packing'] / shares['padding']:.2f}x")
+    if args.smoke:
+        print(_common.SMOKE_NOTE)
 
 if __name__ == "__main__":
     main()

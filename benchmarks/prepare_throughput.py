@@ -2,7 +2,7 @@
 100,000-sample generated set (demo records repeated with fresh questions; images are not read by
 prepare, so reusing them changes nothing). Uses the demo config's tokenizer and vision settings.
 
-    .venv/bin/python benchmarks/prepare_throughput.py [--workers 2] [--samples 100000] [--out /tmp/zerovl-prepare]
+    .venv/bin/python benchmarks/prepare_throughput.py [--workers 2] [--samples 100000] [--out /tmp/zerovl-prepare] [--smoke]
 
 Wall-clock samples/s depends on what else the machine runs; samples per CPU-second does not, and
 times the number of free cores bounds what more workers can reach.
@@ -17,6 +17,7 @@ import os
 import random
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,11 @@ from zerovl.config import load_config
 from zerovl.data.demo_scenes import generate
 from zerovl.recipes.data import prepare_data
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+REPO = _common.REPO
 
 
 def big_set(train: Path, out: Path, samples: int) -> Path:
@@ -62,14 +67,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--out", default="/tmp/zerovl-prepare-bench")
+    parser.add_argument("--smoke", action="store_true", help=_common.SMOKE_HELP)
     args = parser.parse_args()
+    if args.smoke:
+        args.samples, args.shard_size, args.workers = 400, 100, 1
+        if args.out == parser.get_default("out"):
+            args.out = _common.smoke_dir("prepare")
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = generate(out / "demo")  # the `zerovl demo` dataset: 3000 train images
+    # the `zerovl demo` dataset: 3000 train images
+    data = generate(out / "demo", **({"num_train_images": 24, "num_val_images": 4} if args.smoke else {}))
     config = REPO / "configs" / "demo.yaml"
     measure(config, data["val"], data["tokenizer"], out / "cache", 1, args.shard_size)  # warm-up (imports, caches)
-    sets = (("demo train.jsonl", data["train"], 1_000),
+    sets = (("demo train.jsonl", data["train"], 100 if args.smoke else 1_000),
             (f"generated {args.samples:,}", big_set(data["train"], out / "big.jsonl", args.samples), args.shard_size))
     for name, train, shard_size in sets:
         for workers in sorted({1, args.workers}):
@@ -78,6 +89,8 @@ def main() -> None:
                   f"{n / seconds:7,.0f} samples/s  ({cpu:5.1f} CPU-s = {n / cpu:6,.0f} samples per CPU-s; "
                   f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
     shutil.rmtree(out / "cache", ignore_errors=True)
+    if args.smoke:
+        print(_common.SMOKE_NOTE)
 
 
 if __name__ == "__main__":

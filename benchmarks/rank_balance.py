@@ -5,17 +5,23 @@ accumulation). Costs follow a multimodal mix: a quarter text-only chats (log-nor
 rest with 1, 2 or 4 images of 256 tokens each, capped at max_length 2048. Batches come from the real
 sampler, for every rank, over one epoch.
 
-    .venv/bin/python benchmarks/rank_balance.py [--samples 32768] [--micro-batch 4] [--accumulation 2]
+    .venv/bin/python benchmarks/rank_balance.py [--samples 32768] [--micro-batch 4] [--accumulation 2] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from zerovl.data.plan import EpochPlan
 from zerovl.data.sampler import ResumableBatchSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
 
 
 def multimodal_costs(n: int, seed: int = 0) -> list[int]:
@@ -43,7 +49,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32768)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help=_common.SMOKE_HELP)
     args = parser.parse_args()
+    if args.smoke:
+        args.samples = 1024
     costs = multimodal_costs(args.samples)
     print(f"{args.samples} samples, cost per sample: mean {np.mean(costs):.0f}, p5 {np.percentile(costs, 5):.0f}, "
           f"p95 {np.percentile(costs, 95):.0f}; micro-batch {args.micro_batch} x accumulation {args.accumulation}")
@@ -55,6 +64,8 @@ def main() -> None:
             cells.append(f"{'balanced' if balance else 'interleaved'} {r.mean():.3f} | {np.percentile(r, 95):.3f} | "
                          f"{r.max():.3f}")
         print(f"world {world:>2}:  " + "   ".join(cells))
+    if args.smoke:
+        print(_common.SMOKE_NOTE)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """zerovl against Hugging Face Trainer + DeepSpeed: same model, same DeepSpeed config, same batches.
 
-    python benchmarks/vs_hf_trainer.py [--steps 40 --rounds 3 --nproc 2] [overrides]
+    python benchmarks/vs_hf_trainer.py [--steps 40 --rounds 3 --nproc 2] [--smoke] [overrides]
 
 Both train the demo model (configs/demo.yaml) built by ``zerovl.models.builder.build_model``. HF
 Trainer gets the DeepSpeed config zerovl resolves (``build_ds_config``: same ZeRO stage, optimizer,
@@ -122,6 +122,8 @@ def main() -> None:
         print(f"zerovl / HF Trainer per-round ratios: {', '.join(f'{r:.3f}' for r in result['ratios'])}")
         print(f"zerovl / HF Trainer (ratio of medians): {result['ratio_of_medians']:.3f} "
               f"({'zerovl faster' if result['ratio_of_medians'] < 1 else 'zerovl slower'}; goal < 1)")
+        if args.smoke:
+            print(_common.SMOKE_NOTE)
         return
 
     import traceback

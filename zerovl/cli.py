@@ -6,9 +6,12 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 
 from zerovl.errors import ConfigError, ZeroVLError
+
+CONFIG_ERROR_GRACE_S = 5.0
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:
@@ -40,9 +43,38 @@ def _setup_logging() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+DESCRIPTION = """\
+zerovl trains and fine-tunes vision-language models -- a vision encoder, a connector and a causal
+LLM (LLaVA, BLIP-2 / MiniGPT4Qwen style) or a native Qwen2-VL / Qwen2.5-VL -- on DeepSpeed ZeRO,
+from one YAML config. The same command runs 2 CPU processes on a laptop or ZeRO-3 on GPU nodes;
+nothing is downloaded: models and tokenizers are read from local directories."""
+
+# One example per command, shown by `zerovl --help`; tests check every command has one.
+EXAMPLES = {
+    "train": "zerovl train configs/llava.yaml model.vision.path=/m/clip model.llm.path=/m/qwen train.max_steps=5\n"
+             "           torchrun --nproc_per_node 8 -m zerovl train CONFIG deepspeed=zero3  (several ranks)",
+    "demo": "zerovl demo  (synthetic scenes, a tiny VLM trained on 2 CPU ranks, accuracy in ~10 min)",
+    "chat": "zerovl chat --run runs/demo --image runs/demo/data/images/val_00000.png \"how many shapes are there ?\"",
+    "model": "zerovl model summary configs/demo.yaml  (parts, parameters, trainable, dtype)",
+    "export": "zerovl export runs/demo exported/demo  (HF safetensors directories)",
+    "plan": "zerovl plan configs/llava.yaml --gpus 8 --gpu-mem 80GB  (memory per GPU for each ZeRO option)",
+    "bench": "zerovl bench configs/demo.yaml --stages zero0,zero2,zero3 --steps 5  (measured, with the plan)",
+    "report": "zerovl report runs/demo  (loss, lr, throughput and memory as PNG)",
+    "data": "zerovl data check configs/demo.yaml   |   zerovl data prepare CONFIG --workers 8",
+}
+
+EPILOG = ("commands, one example each:\n" + "\n".join(f"  {name:<8} {ex}" for name, ex in EXAMPLES.items()) + """
+
+After the config, dotted key=value overrides any key (train.lr=1e-4 deepspeed=zero3); option names
+from HF Trainer, ms-swift and LLaMA-Factory (learning_rate, per_device_train_batch_size, freeze_vit,
+lora_rank, ...) are accepted as aliases, listed in the README. A bad key or value stops with one
+line and exit code 2. `zerovl COMMAND --help` shows a command's options.""")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zerovl", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="zerovl", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train from a YAML config (run under torchrun/deepspeed for >1 rank)")
     p.add_argument("config")
@@ -231,9 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ZeroVLError as e:
         rank = int(os.environ.get("RANK", "0"))
-        if rank == 0 or not isinstance(e, ConfigError):  # config errors are identical on every rank
-            prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-            print(f"zerovl: error: {prefix}{_one_line(e)}", file=sys.stderr)
+        multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if multi_rank and rank != 0 and isinstance(e, ConfigError):
+            # config errors are usually identical on every rank: let rank 0 say it once. Exiting at
+            # once would let torchrun kill rank 0 before it prints; if rank 0 has no such error, this
+            # rank is still alive after the grace period and says it itself.
+            time.sleep(CONFIG_ERROR_GRACE_S)
+        prefix = f"[rank {rank}] " if multi_rank else ""
+        print(f"zerovl: error: {prefix}{_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except RuntimeError as e:  # a DataError raised inside a DataLoader worker arrives wrapped
         if "DataError" in str(e) or "ConfigError" in str(e):

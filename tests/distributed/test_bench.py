@@ -37,5 +37,21 @@ def test_bench_zero_stages_split_optimizer_state(tmp_path, scenes):
     for stage in ("zero1", "zero2", "zero3"):
         for rank, held in enumerate(rows[stage]["optimizer_state_bytes"]):
             assert held == pytest.approx(zero0[rank] / 2, rel=0.05), (stage, rank, held, zero0)
+    for stage, row in rows.items():  # the planner's per-rank parameters match what each rank held
+        assert row["param_bytes"][0] == pytest.approx(row["planned"]["params"], rel=0.05), stage
     assert (out / "bench.md").read_text().count("| ok |") == 4
     assert (out / "bench.png").stat().st_size > 10_000
+
+
+def test_bench_whose_stages_all_fail_says_why_and_writes_no_results(tmp_path, scenes):
+    cfg = write_config(tiny_config(scenes, tmp_path / "unused", data={"train": str(tmp_path / "gone.jsonl")}),
+                       tmp_path / "cfg.yaml")
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "zerovl", "bench", str(cfg), "--stages", "zero0", "--steps", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    stage_line = next(line for line in proc.stdout.splitlines() if line.startswith("[bench] zero0 failed: "))
+    assert stage_line.startswith("[bench] zero0 failed: zerovl: error: ") and "gone.jsonl" in stage_line
+    assert "To enable traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("zerovl: error: bench: every stage failed (zero0)")
+    assert not any(out.glob("bench.*"))

@@ -39,7 +39,7 @@ def split_run_and_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 def load_trained(run_or_ckpt: str | Path, precision: str = "fp32") -> tuple[Config, BuiltModel, Path]:
     run_dir, ckpt = split_run_and_checkpoint(run_or_ckpt)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", environ={})  # as trained: the environment applied then
     torch.manual_seed(cfg.train.seed)  # frozen random-init parts are re-created exactly as in training
     built = build_model(cfg.model, precision, cfg.data.max_pixels)
     state = checkpoint.consolidated_state_dict(ckpt)

@@ -2,8 +2,13 @@
 
 Each option is a separate ``torchrun ... zerovl train`` run (a fresh process group, as a real launch
 would be) into ``OUT/<option>/``; the runs' own ``metrics.jsonl`` telemetry is summarised into
-``OUT/bench.json``, ``OUT/bench.md`` and a bar chart ``OUT/bench.png``: throughput, peak memory per
-rank and optimizer-state bytes per rank, next to the planner's prediction of the latter.
+``OUT/bench.json``, ``OUT/bench.md`` and a bar chart ``OUT/bench.png``: throughput, and per rank the
+peak memory, parameter bytes and optimizer-state bytes, each beside the planner's prediction, so the
+plan and the measurement can be compared at a glance.
+
+A failed stage is never a result: it is marked failed in the table and the chart with its rank's own
+error line, and the command exits non-zero; when every stage failed nothing that looks like a result
+(``bench.json``/``.md``/``.png``) is written at all.
 """
 
 from __future__ import annotations
@@ -11,19 +16,17 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from zerovl.config import load_config
 from zerovl.engine import planner
+from zerovl.engine.launch import run_ranks, torchrun
 from zerovl.engine.metrics import read_metrics
 from zerovl.errors import ConfigError, ZeroVLError
+from zerovl.recipes.demo import require_demo_data
 from zerovl.recipes.plan import fmt_bytes
 
 log = logging.getLogger("zerovl.bench")
@@ -42,11 +45,10 @@ def stage_option(name: str) -> planner.Option:
 
 def train_command(config: str, stage: str, steps: int, nproc: int, run_dir: Path, overrides: list[str]) -> list[str]:
     """The torchrun command of one benchmark run; bench's own settings come last so they win."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "zerovl", "train", str(config), *overrides, stage_option(stage).override,
-            f"train.max_steps={steps}", "train.stop_after_steps=null", f"train.output_dir={run_dir}",
-            "train.resume=none", "train.save_every=0", "train.save_final=false", "train.log_every=1",
-            "train.eval_every=0", "data.val=null"]
+    return torchrun(nproc, "-m", "zerovl", "train", str(config), *overrides, stage_option(stage).override,
+                    f"train.max_steps={steps}", "train.stop_after_steps=null", f"train.output_dir={run_dir}",
+                    "train.resume=none", "train.save_every=0", "train.save_final=false", "train.log_every=1",
+                    "train.eval_every=0", "data.val=null")
 
 
 def _median(values: list[float]) -> float | None:
@@ -72,79 +74,93 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     out["peak_mem_bytes"] = [max(col) for col in zip(*peaks)] if peaks else None
     states = [r["optimizer_state_bytes"] for r in steps if r.get("optimizer_state_bytes")]
     out["optimizer_state_bytes"] = states[-1] if states else None
+    loaded = [r for r in records if r.get("event") == "model_loaded" and r.get("param_bytes_per_rank")]
+    out["param_bytes"] = loaded[-1]["param_bytes_per_rank"] if loaded else None
     return out
 
 
-def planned_state_bytes(shape: planner.ModelShape, stage: str, world: int, state_bytes: int = 8) -> int:
-    """The planner's optimizer moments per rank for this option (what ``optimizer_state_bytes`` measures)."""
+def planned_bytes(shape: planner.ModelShape, stage: str, world: int, precision: str,
+                  state_bytes: int = 8) -> dict[str, int]:
+    """The planner's per-rank prediction for this option, in the terms bench measures: ``params``
+    (what each rank holds, as ``param_bytes_per_rank``), ``optimizer_state`` (the moments, as
+    ``optimizer_state_bytes``) and ``model_states`` (params + grads + fp32 copies + moments, the part
+    of peak memory the planner models; wherever offload puts them, since a CPU run has one memory)."""
     option = stage_option(stage)
-    return state_bytes * shape.trainable // (world if option.stage >= 1 else 1)
-
-
-def _run(cmd: list[str], log_path: Path, timeout: int) -> tuple[int, float]:
-    started = time.perf_counter()
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: torchrun and its ranks only
-            proc.wait()
-            code = -signal.SIGKILL
-    return code, time.perf_counter() - started
-
-
-def _last_error(log_path: Path) -> str:
-    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return (errors or lines or ["no output"])[-1][:300]
+    gpu, cpu = planner.model_state_bytes(shape, option, planner.Hardware(gpus_per_node=world, gpu_mem=0),
+                                         precision, state_bytes)
+    per_rank = {k: gpu[k] + cpu.get(k, 0) // world for k in gpu}
+    return {"params": per_rank["params_trainable"] + per_rank["params_frozen"],
+            "optimizer_state": per_rank["moments"], "model_states": sum(per_rank.values())}
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table of the runs."""
+    """Markdown table of the runs, measured beside planned; failed runs keep their row (marked) and
+    their error line is listed under the table."""
     def per_rank(values):
         return " / ".join(fmt_bytes(v) for v in values) if values else "n/a"
 
     def num(value, spec=".2f"):
         return format(value, spec) if value is not None else "n/a"
 
-    lines = ["| option | status | samples/s | tokens/s | step s | peak memory per rank | "
-             "optimizer state per rank | planned per rank |",
-             "|---|---|---:|---:|---:|---|---|---|"]
+    def plan(r, key):
+        value = (r.get("planned") or {}).get(key)
+        return fmt_bytes(value) if value is not None else "n/a"
+
+    lines = ["| option | status | samples/s | tokens/s | step s | peak memory per rank | planned model states | "
+             "params per rank | planned params | optimizer state per rank | planned optimizer state |",
+             "|---|---|---:|---:|---:|---|---:|---|---:|---|---:|"]
     for r in results:
         lines.append(f"| {r['stage']} | {r['status']} | {num(r.get('samples_per_s'))} | "
                      f"{num(r.get('tokens_per_s'), '.0f')} | {num(r.get('step_time_s'), '.3f')} | "
-                     f"{per_rank(r.get('peak_mem_bytes'))} | {per_rank(r.get('optimizer_state_bytes'))} | "
-                     f"{fmt_bytes(r['planned_optimizer_state_bytes']) if r.get('planned_optimizer_state_bytes') is not None else 'n/a'} |")
+                     f"{per_rank(r.get('peak_mem_bytes'))} | {plan(r, 'model_states')} | "
+                     f"{per_rank(r.get('param_bytes'))} | {plan(r, 'params')} | "
+                     f"{per_rank(r.get('optimizer_state_bytes'))} | {plan(r, 'optimizer_state')} |")
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed (not measurements):", *(f"- {r['stage']}: {r.get('error') or 'no error line'}" for r in failed)]
     return "\n".join(lines)
 
 
+_PANELS = (("peak_mem_bytes", "model_states", "peak memory per rank", "planned model states"),
+           ("param_bytes", "params", "parameters per rank", "planned"),
+           ("optimizer_state_bytes", "optimizer_state", "optimizer state per rank", "planned"))
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> Path:
-    """Bar chart: throughput, peak memory per rank and optimizer state per rank by option."""
+    """Bar chart by option: throughput; peak memory, parameters and optimizer state per rank, each
+    rank's measured bar beside the planner's (hatched). Failed options keep their place, marked."""
     from zerovl.recipes.report import byte_unit, pyplot
 
     plt = pyplot()
-    ok = [r for r in results if r["status"] == "ok"]
-    names = [r["stage"] for r in ok]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    axes[0].bar(names, [r.get("samples_per_s") or 0 for r in ok], color="tab:blue")
+    names = [r["stage"] if r["status"] == "ok" else f"{r['stage']}\n(failed)" for r in results]
+    xs = range(len(results))
+    fig, axes = plt.subplots(1, 1 + len(_PANELS), figsize=(5 * (1 + len(_PANELS)), 4.8))
+    axes[0].bar(xs, [r.get("samples_per_s") or 0 for r in results], color="tab:blue")
     axes[0].set_title("throughput (samples/s)")
-    for ax, key, title in ((axes[1], "peak_mem_bytes", "peak memory per rank"),
-                           (axes[2], "optimizer_state_bytes", "optimizer state per rank")):
-        unit, scale = byte_unit(max((v for r in ok for v in (r.get(key) or [])), default=0))
-        ranks = max((len(r.get(key) or []) for r in ok), default=0)
-        width = 0.8 / max(ranks, 1)
+    for ax, (key, plan_key, title, plan_label) in zip(axes[1:], _PANELS):
+        planned = [(r.get("planned") or {}).get(plan_key) if r["status"] == "ok" else None for r in results]
+        largest = max([v for r in results for v in (r.get(key) or [])] + [p or 0 for p in planned], default=0)
+        unit, scale = byte_unit(largest)
+        ranks = max((len(r.get(key) or []) for r in results), default=0)
+        width = 0.8 / (ranks + 1)
         for rank in range(ranks):
-            xs = [i + (rank - (ranks - 1) / 2) * width for i in range(len(ok))]
-            ys = [(r.get(key) or [0] * ranks)[rank] / scale for r in ok]
-            ax.bar(xs, ys, width, label=f"rank {rank}")
-        ax.set_xticks(range(len(ok)), names)
+            ys = [((r.get(key) or [])[rank] if rank < len(r.get(key) or []) else 0) / scale for r in results]
+            ax.bar([i + (rank - ranks / 2) * width for i in xs], ys, width, label=f"rank {rank}")
+        bars = ax.bar([i + ranks / 2 * width for i in xs], [(p or 0) / scale for p in planned], width,
+                      label=plan_label, color="none", edgecolor="black", hatch="//")
+        # the plan's figure over its bar: readable even where it is tiny beside a CPU run's RSS
+        ax.bar_label(bars, [fmt_bytes(p) if p is not None else "" for p in planned], fontsize=7, rotation=90,
+                     padding=2)
+        ax.set_ylim(0, largest / scale * 1.35 or 1)  # headroom for the legend and the labels
         ax.set_title(f"{title} ({unit})")
-        if ranks > 1:
-            ax.legend()
+        ax.legend(fontsize=8, loc="upper right")
     for ax in axes:
+        ax.set_xticks(list(xs), names)
         ax.tick_params(axis="x", rotation=30)
+        for i, r in enumerate(results):
+            if r["status"] != "ok":
+                ax.text(i, 0, "failed", color="tab:red", ha="center", va="bottom", fontweight="bold")
+                ax.get_xticklabels()[i].set_color("tab:red")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -153,9 +169,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
 
 def run_bench(config: str, stages: list[str], steps: int = 5, nproc: int = 2, out: str | None = None,
               overrides: list[str] | None = None, timeout: int = 1800) -> list[dict[str, Any]]:
-    """Run every stage, print the table, write bench.json / bench.md / bench.png; returns the rows."""
+    """Run every stage, print the table, write bench.json / bench.md / bench.png; returns the rows.
+    Raises ZeroVLError (after writing what was measured) when any stage failed."""
     overrides = list(overrides or [])
-    cfg = load_config(config, overrides)  # fail on a bad config before launching anything
+    cfg = load_config(config, [*overrides, "data.val=null"])  # a bad config fails before anything launches
+    require_demo_data(cfg)
     if not stages:
         raise ConfigError("--stages is empty; give e.g. zero0,zero1,zero2,zero3")
     for stage in stages:
@@ -172,36 +190,46 @@ def run_bench(config: str, stages: list[str], steps: int = 5, nproc: int = 2, ou
     results = []
     for stage in stages:
         run_dir = (out_dir / stage).absolute()
-        run_dir.mkdir(parents=True, exist_ok=True)
         cmd = train_command(config, stage, steps, nproc, run_dir, overrides)
         print(f"[bench] {stage}: {' '.join(cmd)}", flush=True)
-        code, wall = _run(cmd, run_dir / "bench.log", timeout)
+        launch = run_ranks(cmd, run_dir / "bench.log", timeout=timeout)
         metrics_path = run_dir / "metrics.jsonl"
         row: dict[str, Any] = {"stage": stage, "deepspeed": stage_option(stage).deepspeed, "command": cmd,
-                               "exit_code": code, "wall_s": round(wall, 1),
-                               "planned_optimizer_state_bytes": planned_state_bytes(shape, stage, nproc)}
+                               "exit_code": launch.exit_code, "wall_s": round(launch.wall_s, 1),
+                               "planned": planned_bytes(shape, stage, nproc, cfg.train.precision)}
+        row["planned_optimizer_state_bytes"] = row["planned"]["optimizer_state"]
         row.update(summarize(read_metrics(metrics_path)) if metrics_path.is_file() else {"steps": 0})
-        if code == 0 and row["steps"] == steps:
+        if launch.ok and row["steps"] == steps:
             row["status"] = "ok"
         else:
-            row["status"] = f"failed (exit {code})"
-            row["error"] = _last_error(run_dir / "bench.log")
-            print(f"[bench] {stage} failed: {row['error']} (log: {run_dir / 'bench.log'})", flush=True)
+            code = launch.rank_exit_code if launch.rank_exit_code is not None else launch.exit_code
+            row["status"] = "timed out" if launch.timed_out else f"failed (exit {code})"
+            row["error"] = launch.error or f"{row['steps']} of {steps} steps logged"
+            print(f"[bench] {stage} failed: {row['error']}\n[bench]   its log: {launch.log_path}", flush=True)
         results.append(row)
 
+    failed = [r["stage"] for r in results if r["status"] != "ok"]
+    if len(failed) == len(results):
+        raise ZeroVLError(f"bench: every stage failed ({', '.join(failed)}), so nothing was measured and no "
+                          f"results were written; each stage's error is above, its log in {out_dir}/<stage>/bench.log")
     meta = {"config": str(Path(config).absolute()), "steps": steps, "nproc": nproc, "overrides": overrides,
             "precision": cfg.train.precision, "micro_batch_size": cfg.train.micro_batch_size,
-            "trainable_params": shape.trainable, "total_params": shape.total}
+            "trainable_params": shape.trainable, "total_params": shape.total, "failed": failed}
     (out_dir / "bench.json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
     table = format_table(results)
     (out_dir / "bench.md").write_text(
         f"# zerovl bench\n\n{meta['config']}: {steps} steps on {nproc} rank(s), {cfg.train.precision}, micro batch "
         f"{cfg.train.micro_batch_size}; samples/s and tokens/s are medians over steps 2..{steps}, "
-        "memory is the peak per rank (GPU: allocated; CPU: process RSS).\n\n" + table + "\n")
+        "memory is the peak per rank (GPU: allocated; CPU: process RSS); planned columns are `zerovl plan`'s "
+        "model for the same option and world size (model states only: no activations, buffers or runtime).\n\n"
+        + table + "\n")
     print(table)
     try:
         print(f"[bench] wrote {plot(results, out_dir / 'bench.png')}")
     except ZeroVLError as e:  # the numbers are the point; the chart is optional
         print(f"[bench] no chart: {e}")
     print(f"[bench] wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")
+    if failed:
+        raise ZeroVLError(f"bench: {len(failed)} of {len(results)} stages failed ({', '.join(failed)}); "
+                          "the table and chart mark them, and their errors are above")
     return results

@@ -1,22 +1,54 @@
 """``zerovl demo``: generate the synthetic scene data, train the tiny composed VLM on 2 ranks with
-DeepSpeed ZeRO-2 (through torchrun), then report held-out exact-match accuracy and wall time."""
+DeepSpeed ZeRO-2 (through torchrun), then report held-out exact-match accuracy and wall time.
+
+``configs/demo.yaml`` points at the data ``zerovl demo`` generates (``runs/demo/data``); run before
+the demo, it would fail deep inside tokenizer loading, so :func:`require_demo_data` says so first.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from zerovl.config import Config
 from zerovl.data.demo_scenes import generate
+from zerovl.engine.launch import run_ranks, torchrun
 from zerovl.engine.metrics import read_metrics
-from zerovl.errors import ZeroVLError
+from zerovl.errors import ConfigError, ZeroVLError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_DATA = ("runs", "demo", "data")  # where `zerovl demo` generates its data (its default --output-dir)
 TARGET_ACCURACY = 0.90
+
+
+def _demo_root(path: str) -> Path | None:
+    parts = Path(path).parts
+    for i in range(len(parts) - len(DEMO_DATA) + 1):
+        if parts[i:i + len(DEMO_DATA)] == DEMO_DATA:
+            return Path(*parts[:i + len(DEMO_DATA)])
+    return None
+
+
+def require_demo_data(cfg: Config) -> None:
+    """Stop with one actionable line when the config's inputs are the demo's generated data and it
+    has not been generated yet (``configs/demo.yaml`` before ``zerovl demo``)."""
+    data = cfg.data
+    inputs = {"model.tokenizer": cfg.model.tokenizer, "data.train": data.train, "data.val": data.val,
+              "data.image_root": data.image_root,
+              **{f"data.datasets.{i}.path": d.path for i, d in enumerate(data.datasets)}}
+    missing = {key: _demo_root(path) for key, path in inputs.items()
+               if path and _demo_root(path) is not None and not Path(path).exists()}
+    if not missing:
+        return
+    keys = list(missing)
+    named = " and ".join([", ".join(keys[:-1]), keys[-1]] if len(keys) > 1 else keys)
+    own = " ".join("data.val=null" if k == "data.val" else f"{k}=..." for k in keys)
+    raise ConfigError(f"{named} point{'s' if len(keys) == 1 else ''} at the demo's generated data in "
+                      f"{next(iter(missing.values()))}, which does not exist yet: run `zerovl demo` first "
+                      f"(it generates it), or pass your own: {own}")
 
 
 def run_demo(output_dir: str = "runs/demo", nproc: int = 2, overrides: list[str] | None = None,
@@ -30,14 +62,15 @@ def run_demo(output_dir: str = "runs/demo", nproc: int = 2, overrides: list[str]
         shutil.rmtree(out)  # the demo always starts from scratch
     print(f"[demo] generating synthetic scenes into {out / 'data'}", flush=True)
     data = generate(out / "data", num_train_images=train_images, num_val_images=val_images)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "zerovl", "train", str(config), f"train.output_dir={out}", f"data.train={data['train']}",
-           f"data.val={data['val']}", f"model.tokenizer={data['tokenizer']}", *(overrides or [])]
+    cmd = torchrun(nproc, "-m", "zerovl", "train", str(config), f"train.output_dir={out}",
+                   f"data.train={data['train']}", f"data.val={data['val']}", f"model.tokenizer={data['tokenizer']}",
+                   *(overrides or []))
     print(f"[demo] training: {' '.join(cmd)}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    code = subprocess.call(cmd, env=env)
-    if code != 0:
-        raise ZeroVLError(f"demo training failed (exit code {code}); see the log above")
+    launch = run_ranks(cmd, out / "train.log", echo=True,
+                       env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if not launch.ok:
+        error = ConfigError if launch.rank_exit_code == ConfigError.exit_code else ZeroVLError
+        raise error(f"demo training failed: {launch.reason} (full log: {launch.log_path})")
     evals = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "val"]
     if not evals or "exact_match" not in evals[-1]:
         raise ZeroVLError(f"demo finished without a val evaluation in {out / 'metrics.jsonl'}")

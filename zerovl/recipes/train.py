@@ -41,6 +41,7 @@ from zerovl.engine.telemetry import (
     replicated_grad_norm,
 )
 from zerovl.models.builder import build_model, import_model_classes, named_parts
+from zerovl.recipes.demo import require_demo_data
 from zerovl.recipes.evaluate import evaluate
 
 log = logging.getLogger("zerovl.train")
@@ -96,6 +97,7 @@ def part_learning_rates(cfg: Config) -> dict[str, float]:
 
 def train(cfg: Config) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------
+    require_demo_data(cfg)  # configs/demo.yaml before `zerovl demo`: say so, not "cannot load a tokenizer"
     dist: DistInfo = init_distributed()
     import deepspeed
 
