@@ -12,6 +12,8 @@ import warnings
 from zerovl.errors import ConfigError, ZeroVLError
 
 CONFIG_ERROR_GRACE_S = 5.0
+# how gloo / NCCL report a peer process that has exited, seen from a collective still waiting for it
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:
@@ -275,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # a DataError raised inside a DataLoader worker arrives wrapped
         if "DataError" in str(e) or "ConfigError" in str(e):
             print(f"zerovl: error: {_one_line(e)}", file=sys.stderr)
+            return 1
+        if any(sign in str(e) for sign in PEER_GONE):  # another rank stopped first and said why itself
+            rank = os.environ.get("RANK", "0")
+            print(f"zerovl: error: [rank {rank}] lost contact with another rank, which stopped first; its own "
+                  "error line says why", file=sys.stderr)
             return 1
         raise
 
