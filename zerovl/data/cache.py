@@ -44,7 +44,7 @@ from zerovl.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the newline after an end-of-turn token is no longer labelled
 FINGERPRINT_FILE = "fingerprint.json"
 DONE_FILE = "done.json"
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template",

@@ -119,7 +119,9 @@ class ChatTemplate:
             before = self.render(msgs[:i], add_generation_prompt=True)
             through = full if i == len(msgs) - 1 else self.render(msgs[: i + 1])  # same text, one render less
             if full.startswith(before) and full.startswith(through) and len(through) > len(before):
-                spans.append((len(before), len(through)))
+                # the reply and its end-of-turn token; not the newline a template writes after it
+                # (ChatML's "<|im_end|>\n"), which the model never has to produce
+                spans.append((len(before), len(before) + len(through[len(before):].rstrip())))
                 cursor = len(through)
             else:  # template that rewrites earlier turns: fall back to locating the reply text
                 start = full.find(m["content"], cursor)
