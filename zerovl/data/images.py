@@ -31,9 +31,10 @@ def _opened(path_or_file, name: str, source: str | None):
         return Image.open(path_or_file)
     except FileNotFoundError:
         raise DataError(f"{source}image {name} not found") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{source}image {name} is a decompression bomb ({e}); shrink it offline or set "
-                        "data.skip_bad_samples=true to skip it") from None
+    except Image.DecompressionBombError:
+        limit = f" of {2 * Image.MAX_IMAGE_PIXELS:,} pixels" if Image.MAX_IMAGE_PIXELS else ""
+        raise DataError(f"{source}image {name} exceeds PIL's decompression-bomb limit{limit}; shrink it offline "
+                        "or set data.skip_bad_samples=true to skip it") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{source}image {name} cannot be read ({e.__class__.__name__})") from None
 

@@ -188,7 +188,9 @@ def train(cfg: Config) -> dict[str, Any]:
     # ZeRO-0 with fp32 computes the norm only to clip it and then drops it: take it ourselves
     keep_norm = engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
     own_norm = None
-    with logging_redirect_tqdm(loggers=[logging.getLogger("zerovl")]):  # log lines above the bar
+    # log lines above the bar; the root logger holds the console handler (redirecting "zerovl" alone
+    # printed each line twice: once through tqdm, once propagated to root)
+    with logging_redirect_tqdm(loggers=[logging.getLogger()]):
         while step < stop_at:
             lr = set_lr(optimizer, lr_factor(step, total_steps, cfg.train.warmup_steps, cfg.train.schedule, min_ratio))
             started = time.perf_counter()
