@@ -89,6 +89,9 @@ def shrink_config(raw: dict) -> dict:
                           out_hidden_size=llm_width)
             if "fullatt_block_indexes" in vision:  # keep windowed and full-attention blocks both
                 vision["fullatt_block_indexes"] = [TINY_VISION_DEPTH - 1]
+    elif model_type == "gpt2":
+        cfg.update(n_embd=TINY_TEXT["hidden_size"], n_layer=TINY_TEXT["num_hidden_layers"],
+                   n_head=TINY_TEXT["num_attention_heads"])
     elif model_type == "clip":
         for key in ("text_config", "text_config_dict", "vision_config", "vision_config_dict"):
             if isinstance(cfg.get(key), dict):  # the legacy *_dict copies are shrunk alike
@@ -104,7 +107,7 @@ def shrink_config(raw: dict) -> dict:
 def _model_class(model_type: str):
     import transformers
 
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "gpt2"):
         return transformers.AutoModelForCausalLM
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
         return transformers.AutoModelForImageTextToText
@@ -155,6 +158,10 @@ MODEL_DIRS = {
     # every Qwen2-family directory and the merges are the same 151387, so vocab/merges come from Qwen2.5
     "qwen2-7b-instruct": (MODEL_CONFIGS / "qwen2-7b-instruct.config.json",
                           lambda: _qwen_tokenizer("qwen2-7b-instruct", borrow_vocab_from="qwen2.5-7b-instruct")),
+    # GPT-2 Large (the unmodified copy) with the real GPT-2 BPE files (vocab.json pretty-printed with tabs);
+    # no chat template: zerovl falls back to ChatML rendered as plain text
+    "gpt2-large": (MODEL_CONFIGS / "gpt2-large.config.json",
+                   lambda: {f: TOKENIZERS / "gpt2" / f for f in ("vocab.json", "merges.txt")}),
     # CLIP ViT-L/14 (CLIPModel, legacy *_config_dict layout) with its tokenizer and CLIPFeatureExtractor config
     "clip-vit-large-patch14": (MODEL_CONFIGS / "clip-vit-large-patch14.config.json",
                                lambda: {p.name: p for p in (TOKENIZERS / "clip-vit-large-patch14").iterdir()}),

@@ -274,11 +274,11 @@ def _alpaca_messages(path: Path, n: int) -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["qwen2.5-7b-instruct", "qwen2-7b-instruct"])
+@pytest.mark.parametrize("name", ["qwen2.5-7b-instruct", "qwen2-7b-instruct", "gpt2-large"])
 def test_text_sft_with_real_tokenizer(tmp_path, tiny_model, name):
     """configs/text_sft.yaml: LoRA with gradient checkpointing and packing on an LLM directory with the
-    real Qwen2.5-Instruct (tool-calling template) or Qwen2-Instruct (ChatML) tokenizer, on real alpaca
-    instructions, ZeRO-2."""
+    real Qwen2.5-Instruct (tool-calling template), Qwen2-Instruct (ChatML) or GPT-2 (no template: the
+    ChatML fallback; LoRA on its Conv1D layers) tokenizer, on real alpaca instructions, ZeRO-2."""
     args = _shipped("text_sft.yaml", tmp_path, **{
         "model.llm.path": str(tiny_model(name)),
         "data.train": str(_alpaca_messages(tmp_path / "alpaca.jsonl", 32)), "data.max_length": 256})
