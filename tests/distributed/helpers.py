@@ -13,11 +13,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(args: list[str], nproc: int = 2, timeout: int = 300, launcher: str = "torchrun",
-        env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``zerovl <args>`` on ``nproc`` ranks; a hang becomes a test failure after ``timeout`` s."""
+        env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``zerovl <args>`` (or ``script <args>``) on ``nproc`` ranks; a hang becomes a test failure
+    after ``timeout`` s."""
+    target = [script] if script is not None else ["-m", "zerovl"]
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "zerovl", *args]
+               *target, *args]
     else:
         cmd = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={nproc}",
                f"--master_port={29500 + os.getpid() % 1000}", "--module", "zerovl", *args]
@@ -29,7 +31,7 @@ def run(args: list[str], nproc: int = 2, timeout: int = 300, launcher: str = "to
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"zerovl {' '.join(args)} hung for {timeout}s:\n{out[-4000:]}") from None
+        raise AssertionError(f"{' '.join(target + args)} hung for {timeout}s:\n{out[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 

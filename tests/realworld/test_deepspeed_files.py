@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TINY_LLM, TINY_VISION
+from tests.distributed.helpers import run
 
 REPO = Path(__file__).resolve().parents[2]
 FOLDER = REPO.parent / "shared" / "realworld" / "deepspeed-configs"  # absent: conftest.py skips, one line
@@ -29,21 +26,6 @@ pytestmark = pytest.mark.distributed
 PEERS = ("msswift_zero", "llamafactory_ds_z", "llava_zero", "minigpt4qwen_ds_config_zero", "deepke_")
 # peer files that ask for what zerovl cannot do, and the key their one line must name
 PEER_REFUSALS = {"llamafactory_ds_z2_autotp_config.json": "tensor_parallel.autotp_size"}
-
-
-def _launch(spec: Path, timeout: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "realworld" / "ds_walk.py"), str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"the walk hung for {timeout}s:\n{out[-4000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
 def _table(results: dict) -> str:
@@ -72,7 +54,8 @@ def walk(scenes, tmp_path_factory) -> dict:
         },
     }
     (root / "spec.json").write_text(json.dumps(spec))
-    proc = _launch(root / "spec.json", timeout=900)
+    proc = run([str(root / "spec.json")], timeout=900, script=str(REPO / "tests" / "realworld" / "ds_walk.py"),
+               env={"DS_ACCELERATOR": "cpu"})
     results_path = root / "results.json"
     assert results_path.is_file(), f"exit {proc.returncode}, no results:\n{proc.stdout[-5000:]}"
     results = json.loads(results_path.read_text())
