@@ -286,6 +286,13 @@ class TrainSettings(_Strict):
     epochs: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(1, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
+    loss_normalization: Literal["tokens", "samples"] = Field(
+        "tokens", description="tokens: a step's loss is the sum of its per-token losses over every micro-batch "
+        "and rank divided by its supervised tokens, whatever the batch split; samples: each micro-batch's own "
+        "token mean, averaged equally (long and short micro-batches weigh the same)")
+    loss_chunk_tokens: int = Field(1024, ge=0, description="supervised tokens per chunk of the LM head and its "
+                                   "cross-entropy, so the [tokens x vocab] logits never exist whole; 0 = "
+                                   "transformers' plain path")
     lr: float = Field(1e-4, gt=0)
     min_lr: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -304,6 +311,9 @@ class TrainSettings(_Strict):
     eval_every: int = Field(0, ge=0)
     tensorboard: bool = False
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU when not auto-detected")
+    dist_timeout_s: float = Field(
+        1800.0, gt=0, description="seconds the ranks may take to meet at start and to reach each collective; "
+        "raise it when one rank does slow start-up work (data preparation) while the others wait")
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainSettings:

@@ -23,3 +23,7 @@ class DataError(ZeroVLError):
 
 class CheckpointError(ZeroVLError):
     """No usable checkpoint where one was asked for, or one that does not fit the model."""
+
+
+class RendezvousError(ZeroVLError):
+    """The ranks did not all meet within ``train.dist_timeout_s`` (wrong address or port, a node missing)."""

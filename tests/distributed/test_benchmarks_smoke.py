@@ -19,6 +19,8 @@ SCRIPTS = {
     "packing_efficiency.py": (r"non-padding share packing / padding: \d+\.\d\dx", "--out", False),
     "prepare_throughput.py": (r"generated 400 .* samples/s", "--out", False),
     "rank_balance.py": (r"world 32: +interleaved \d\.\d{3} .* balanced \d\.\d{3}", None, False),
+    "logits_memory.py": (r"peak memory plain / zerovl: \d+\.\dx, step time zerovl / plain: \d+\.\d{3}", None, False),
+    "multinode_loopback.py": (r"2 nodes / 1 node \(ratio of medians\): \d+\.\d{3}", "--work", True),
 }
 
 

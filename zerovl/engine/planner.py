@@ -30,8 +30,15 @@ per token (h = hidden, q/kv = query/key-value width, I = MLP width, V = vocabula
   (fused SDPA/flash attention: no s x s matrix) and the gated MLP's four I-wide tensors (two for a
   plain MLP). With gradient checkpointing a layer keeps only its input (``p·h``) and one layer is
   recomputed at a time.
-* LLM head: the final norm (``4h + 2p·h``) and the loss: cross-entropy keeps fp32 log-probs
-  (``4·V``) and two more fp32 V-wide gradients are alive at the start of backward (``8·V``).
+* LLM head: the final norm (``4h + p·h``). The loss runs through the head in chunks of tokens
+  (``zerovl/models/loss.py``), with each chunk's gradient computed in the forward: per token it keeps
+  an fp32 hidden-row gradient and the row's index (``4h + 8``); per micro-batch, not per sample, one
+  chunk's fp32 logits exist at a time (``rows x V x 4``, plus their 16-bit copy for bf16/fp16) and, when
+  the head trains, its fp32 weight gradient (``4·V·h``, plus a transient 16-bit product for one
+  vocabulary slice) is kept until backward. Every token is assumed supervised (prompt tokens skip the head, so real runs keep
+  less). Models outside ``loss.CHUNKED_MODEL_TYPES``, or ``chunk_tokens=0``, take transformers' plain
+  path: the head's input (``p·h``), fp32 log-probs (``4·V``) and two more fp32 V-wide gradients at the
+  start of backward (``8·V``) per token.
 * Vision layer (only when the tower trains): ``p x (8h + 2I)`` per patch token (LayerNorms, q/k/v,
   attention output, GELU MLP), or ``p·h`` with checkpointing; plus the patch embedding's input.
 * Connector: its input and each hidden activation per image token.
@@ -51,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zerovl.errors import ConfigError
+from zerovl.models.loss import DEFAULT_CHUNK_TOKENS, VOCAB_SLICE
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,12 @@ OPTIMIZER_STATE_BYTES = {"adam": 8, "adamw": 8, "fusedadam": 8, "cpuadam": 8, "l
 # DeepSpeed 0.19 defaults (runtime/zero/config.py), used for the buffers row
 REDUCE_BUCKET_SIZE = 500_000_000
 PREFETCH_BUCKET_SIZE = 50_000_000
+# transformers' plain loss path (full logits), per token:
 LOSS_SAVED_BYTES_PER_VOCAB = 4  # fp32 log-probs cross-entropy keeps for backward
 LOSS_BACKWARD_BYTES_PER_VOCAB = 8  # the two fp32 V-wide gradients alive at the start of backward
+# zerovl's chunked loss path (models/loss.py), per supervised token: the fp32 hidden-row gradient is
+# 4 bytes x hidden; this is the int64 row index the selection of supervised rows keeps
+LOSS_INDEX_BYTES = 8
 _UNITS = {"": 2**30, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
 
@@ -162,6 +174,8 @@ class ModelShape:
     connector_elements: int = 0  # activation elements the connector keeps per image
     connector_active: bool = False  # the connector keeps activations (it or the tower trains)
     tokens_per_image: int = 0
+    head_trainable: bool = True  # the output projection gets a gradient (full LLM, not LoRA/frozen)
+    chunked_loss: bool = True  # the loss takes zerovl's chunked path (models/loss.py), not the plain one
     notes: tuple[str, ...] = ()
 
     @property
@@ -190,6 +204,7 @@ class Estimate:
     micro_batch: int
     max_micro_batch: int = 0
     fits: bool = False
+    activation_fixed: int = 0  # per micro-batch, whatever its size: the chunked loss's workspace
 
     @property
     def gpu_total(self) -> int:
@@ -216,6 +231,7 @@ class Plan:
     estimates: list[Estimate]
     recommended: Estimate | None
     notes: list[str] = field(default_factory=list)
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
 
 def parse_size(text: str | int | float) -> int:
@@ -305,19 +321,28 @@ def _stack_bytes(per_layer: int, s: Stack, p: int, tokens: int) -> int:
     return tokens * s.layers * per_layer
 
 
-def activation_breakdown(shape: ModelShape, seq_len: int, precision: str,
-                         images_per_sample: int = 1) -> dict[str, int]:
-    """Activation bytes for ONE sample (micro batch of 1), by where they are kept."""
+def _chunked(shape: ModelShape, chunk_tokens: int) -> bool:
+    return shape.chunked_loss and chunk_tokens > 0
+
+
+def activation_breakdown(shape: ModelShape, seq_len: int, precision: str, images_per_sample: int = 1,
+                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict[str, int]:
+    """Activation bytes for ONE sample (micro batch of 1), by where they are kept; the chunked loss's
+    per-micro-batch workspace is :func:`loss_workspace`."""
     p = PRECISION_BYTES[precision]
     llm = shape.llm
     out = {
         "llm_layers": _stack_bytes(_llm_layer_bytes_per_token(llm, p), llm, p, seq_len),
-        "llm_head": seq_len * (4 * llm.hidden + 2 * p * llm.hidden),
-        "loss": seq_len * LOSS_SAVED_BYTES_PER_VOCAB * shape.vocab,
-        "loss_backward": seq_len * LOSS_BACKWARD_BYTES_PER_VOCAB * shape.vocab,
+        "llm_head": seq_len * (4 * llm.hidden + p * llm.hidden),
+        "loss": seq_len * (4 * llm.hidden + LOSS_INDEX_BYTES),
+        "loss_backward": 0,
         "vision": 0,
         "connector": 0,
     }
+    if not _chunked(shape, chunk_tokens):  # transformers' plain path: full logits, their input kept
+        out["llm_head"] += seq_len * p * llm.hidden
+        out["loss"] = seq_len * LOSS_SAVED_BYTES_PER_VOCAB * shape.vocab
+        out["loss_backward"] = seq_len * LOSS_BACKWARD_BYTES_PER_VOCAB * shape.vocab
     if shape.vision is not None and shape.vision_trainable:
         tokens = images_per_sample * shape.vision_tokens
         per_layer = _vision_layer_bytes_per_token(shape.vision, p)
@@ -328,23 +353,44 @@ def activation_breakdown(shape: ModelShape, seq_len: int, precision: str,
     return out
 
 
+def loss_workspace(shape: ModelShape, tokens: int, precision: str,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict[str, int]:
+    """Bytes the chunked loss needs once per micro-batch of ``tokens`` supervised tokens, whatever the
+    number of samples: ``loss_chunk`` (one chunk's fp32 logits and, in 16-bit, their 16-bit copy; only
+    during the head's forward), ``head_grad`` (the head's fp32 weight gradient, kept until backward)
+    and ``head_grad_chunk`` (a 16-bit weight-gradient product for one vocabulary slice, transient).
+    Zeros on the plain path."""
+    if not _chunked(shape, chunk_tokens):
+        return {"loss_chunk": 0, "head_grad": 0, "head_grad_chunk": 0}
+    p = PRECISION_BYTES[precision]
+    half = p if p != 4 else 0  # a 16-bit copy next to the fp32 tensor
+    rows = min(chunk_tokens, tokens)
+    trainable = shape.head_trainable
+    return {"loss_chunk": rows * shape.vocab * (4 + half),
+            "head_grad": 4 * shape.vocab * shape.llm.hidden if trainable else 0,
+            "head_grad_chunk": half * min(VOCAB_SLICE, shape.vocab) * shape.llm.hidden if trainable else 0}
+
+
 # ---- the plan ---------------------------------------------------------------------------------
 
 def estimate(shape: ModelShape, option: Option, hardware: Hardware, precision: str, micro_batch: int,
-             seq_len: int, images_per_sample: int = 1, state_bytes: int = 8, margin: float = 0.1) -> Estimate:
+             seq_len: int, images_per_sample: int = 1, state_bytes: int = 8, margin: float = 0.1,
+             chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Estimate:
     """Memory of one option at the given micro batch, whether it fits, and the largest micro batch that does."""
     gpu, cpu = model_state_bytes(shape, option, hardware, precision, state_bytes)
     gpu["buffers"] = buffer_bytes(option, precision)
-    per_sample = sum(activation_breakdown(shape, seq_len, precision, images_per_sample).values())
-    gpu["activations"] = per_sample * micro_batch
+    per_sample = sum(activation_breakdown(shape, seq_len, precision, images_per_sample, chunk_tokens).values())
+    fixed = sum(loss_workspace(shape, micro_batch * seq_len, precision, chunk_tokens).values())
+    gpu["activations"] = per_sample * micro_batch + fixed
     p = PRECISION_BYTES[precision]
     # start-up host RAM: every local rank builds the whole model before DeepSpeed partitions it, except
     # under ZeRO-3, which builds inside deepspeed.zero.Init and partitions module by module
     built = shape.largest_layer if option.stage == 3 else shape.total
     est = Estimate(option, gpu, cpu, per_sample, cpu_load=hardware.gpus_per_node * built * p,
-                   budget=int(hardware.gpu_mem * (1 - margin)), micro_batch=micro_batch)
+                   budget=int(hardware.gpu_mem * (1 - margin)), micro_batch=micro_batch, activation_fixed=fixed)
     cpu_ok = hardware.cpu_mem is None or est.cpu_total <= hardware.cpu_mem * (1 - margin)
-    room = est.budget - est.static_gpu
+    # the workspace at its largest (a full chunk), so every micro batch up to the maximum fits
+    room = est.budget - est.static_gpu - sum(loss_workspace(shape, chunk_tokens, precision, chunk_tokens).values())
     est.max_micro_batch = max(0, room // per_sample) if cpu_ok and room > 0 else 0
     est.fits = cpu_ok and est.gpu_total <= est.budget
     return est
@@ -352,7 +398,7 @@ def estimate(shape: ModelShape, option: Option, hardware: Hardware, precision: s
 
 def plan(shape: ModelShape, hardware: Hardware, precision: str, micro_batch: int, seq_len: int,
          images_per_sample: int = 1, state_bytes: int = 8, margin: float = 0.1,
-         options: tuple[Option, ...] = OPTIONS) -> Plan:
+         options: tuple[Option, ...] = OPTIONS, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Plan:
     """Estimate every option; recommend the first (fastest) that fits the configured micro batch,
     or failing that, the first that fits any micro batch."""
     if not 0 <= margin < 1:
@@ -360,12 +406,12 @@ def plan(shape: ModelShape, hardware: Hardware, precision: str, micro_batch: int
     if hardware.gpus_per_node < 1 or hardware.nodes < 1:
         raise ConfigError("--gpus and --nodes must be at least 1")
     estimates = [estimate(shape, o, hardware, precision, micro_batch, seq_len, images_per_sample,
-                          state_bytes, margin) for o in options]
+                          state_bytes, margin, chunk_tokens) for o in options]
     recommended = next((e for e in estimates if e.fits), None)
     if recommended is None:
         recommended = next((e for e in estimates if e.max_micro_batch >= 1), None)
     return Plan(shape, hardware, precision, micro_batch, seq_len, images_per_sample, margin, estimates,
-                recommended, list(shape.notes))
+                recommended, list(shape.notes), chunk_tokens)
 
 
 # ---- counting parameters from configs alone --------------------------------------------------
@@ -451,6 +497,7 @@ def count_model(settings: Any) -> ModelShape:
 
     from zerovl.models.builder import apply_training_modes, load_tokenizer
     from zerovl.models.connectors import build_connector
+    from zerovl.models.loss import base_model, decoder_and_head
     from zerovl.models.vision import VisionTower, tower_classes, vision_config_from
     from zerovl.models.vlm import ComposedVLM
 
@@ -496,5 +543,7 @@ def count_model(settings: Any) -> ModelShape:
         apply_training_modes(model, settings)
     parts = {"vision": model.vision, "connector": model.connector, "llm": model.llm}
     counts = _count_parts({k: v for k, v in parts.items() if v is not None})
+    head = base_model(model.llm).get_output_embeddings()
     return ModelShape(parts=counts, largest_layer=largest_layer_params(model), llm=llm_stack, vocab=vocab,
-                      notes=tuple(notes), **vision_kwargs)
+                      head_trainable=head is not None and any(p.requires_grad for p in head.parameters()),
+                      chunked_loss=decoder_and_head(model.llm) is not None, notes=tuple(notes), **vision_kwargs)

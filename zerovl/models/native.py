@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from zerovl.errors import ConfigError, DataError
+from zerovl.models.loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss, plain_loss
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
@@ -24,10 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class NativeVLM(nn.Module):
-    def __init__(self, hf_model: nn.Module, image_token_id: int):
+    def __init__(self, hf_model: nn.Module, image_token_id: int, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         super().__init__()
         self.hf = hf_model
         self.image_token_id = image_token_id
+        self.loss_chunk_tokens = loss_chunk_tokens  # rows per chunk of the LM loss (models/loss.py); 0 = plain
         vcfg = hf_model.config.vision_config
         self.merge = vcfg.spatial_merge_size
         self.patch_elements = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
@@ -80,9 +82,11 @@ class NativeVLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, loss_reduction: str = "mean"):
         """Embeddings, then the vision tower (real or dummy), then the language model — the same module
-        order for image and text-only batches, which ZeRO-3's parameter fetching requires."""
+        order for image and text-only batches, which ZeRO-3's parameter fetching requires. With labels:
+        the LM loss (``mean`` or ``sum`` over supervised tokens, as ComposedVLM.forward), computed in
+        chunks through ``lm_head`` from the decoder's hidden states; without: the logits."""
         if position_ids is not None:
             raise ConfigError("data.packing is not supported for native models (their M-RoPE positions are 3-D)")
         inner = self.base.model
@@ -99,9 +103,16 @@ class NativeVLM(nn.Module):
             grid = image_grid_thw
         positions, _ = inner.get_rope_index(input_ids, image_grid_thw=grid, video_grid_thw=None,
                                             attention_mask=attention_mask, mm_token_type_ids=image_mask.int())
-        out = self.hf(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, labels=labels,
-                      use_cache=False)
-        return out.loss if labels is not None else out.logits
+        inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": positions,
+                  "use_cache": False}
+        if labels is None:
+            return self.hf(**inputs).logits
+        if not self.loss_chunk_tokens:  # the plain path, for comparison
+            if loss_reduction == "mean":
+                return self.hf(**inputs, labels=labels).loss
+            return plain_loss(self.hf(**inputs).logits, labels, loss_reduction)
+        hidden = inner(**inputs).last_hidden_state  # what the HF model's own forward feeds its lm_head
+        return causal_lm_loss(hidden, self.base.lm_head, labels, loss_reduction, self.loss_chunk_tokens)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,

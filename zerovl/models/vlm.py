@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from zerovl.errors import DataError
+from zerovl.models.loss import DEFAULT_CHUNK_TOKENS, language_model_loss
 
 
 class ComposedVLM(nn.Module):
     def __init__(self, llm: nn.Module, image_token_id: int, vision: nn.Module | None = None,
                  connector: nn.Module | None = None, vision_trainable: bool = False,
-                 connector_trainable: bool = True):
+                 connector_trainable: bool = True, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         super().__init__()
         self.vision = vision
         self.connector = connector
@@ -27,6 +28,7 @@ class ComposedVLM(nn.Module):
         self.image_token_id = image_token_id
         self.vision_trainable = vision_trainable
         self.connector_trainable = connector_trainable
+        self.loss_chunk_tokens = loss_chunk_tokens  # rows per chunk of the LM loss (models/loss.py); 0 = plain
 
     @property
     def tokens_per_image(self) -> int:
@@ -67,16 +69,21 @@ class ComposedVLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, loss_reduction: str = "mean"):
+        """With labels: the LM loss over supervised tokens as a 0-dim fp32 tensor — their ``mean``, or
+        their ``sum`` for a caller that divides by a global token count — computed in chunks through
+        the output projection (models/loss.py). Without labels: the logits."""
         embeds = self.embed(input_ids, pixel_values)
         if position_ids is not None:
             # packed rows (data.packing): transformers builds block-diagonal causal attention from position
             # ids that restart at 0 per sample, but only without a 2D mask; row-end padding is one more
             # block with no labels, so it changes nothing
             attention_mask = None
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       labels=labels, use_cache=False)
-        return out.loss if labels is not None else out.logits
+        inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
+        if labels is None:
+            return self.llm(**inputs).logits
+        return language_model_loss(self.llm, labels, loss_reduction, self.loss_chunk_tokens, **inputs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -28,6 +28,7 @@ def plan_config(cfg: Config, hardware: Hardware, margin: float = 0.1, images_per
     result = planner.plan(
         shape, hardware, resolved.train.precision, resolved.train.micro_batch_size, resolved.data.max_length,
         images_per_sample, planner.optimizer_state_bytes(ds.get("optimizer", {}).get("type")), margin,
+        chunk_tokens=resolved.train.loss_chunk_tokens,
     )
     return result
 
@@ -103,9 +104,15 @@ def format_plan(result: Plan, source: str = "", accumulation: int | None = None)
     lines.append(f"bytes per parameter: {result.precision} params {p}, {result.precision} grads {p} (trainable), "
                  "fp32 master + fp32 grads 8 (trainable; not for ZeRO-0 in fp32), optimizer moments as "
                  "the optimizer needs (Adam 8)")
-    act = planner.activation_breakdown(shape, result.seq_len, result.precision, result.images_per_sample)
+    act = planner.activation_breakdown(shape, result.seq_len, result.precision, result.images_per_sample,
+                                       result.chunk_tokens)
     parts = ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in act.items() if v)
     lines.append(f"activations per sample: {fmt_bytes(sum(act.values()))} ({parts})")
+    work = planner.loss_workspace(shape, result.micro_batch * result.seq_len, result.precision, result.chunk_tokens)
+    if any(work.values()):
+        parts = ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in work.items() if v)
+        lines.append(f"plus per micro-batch, the LM loss computed in chunks of {result.chunk_tokens} tokens: "
+                     f"{fmt_bytes(sum(work.values()))} ({parts})")
     lines.append("")
     headers = ["option", "params train", "params frozen", "grads", "fp32 copies", "moments", "ZeRO-3 live",
                "buffers", "activations", "GPU total", "host RAM/node", "fits", "max micro batch"]

@@ -28,6 +28,7 @@ from zerovl.data.pipeline import build_train_data
 from zerovl.engine import checkpoint
 from zerovl.engine.distributed import DistInfo, all_gather_floats, init_distributed, shutdown
 from zerovl.engine.ds_config import build_ds_config, zero_stage
+from zerovl.engine.loss_weighting import backward_scale, step_token_count
 from zerovl.engine.metrics import MetricsLog, progress_bar
 from zerovl.engine.optim import param_groups
 from zerovl.engine.preemption import GracefulStop
@@ -98,7 +99,7 @@ def part_learning_rates(cfg: Config) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------
     require_demo_data(cfg)  # configs/demo.yaml before `zerovl demo`: say so, not "cannot load a tokenizer"
-    dist: DistInfo = init_distributed()
+    dist: DistInfo = init_distributed(cfg.train.dist_timeout_s)
     import deepspeed
 
     out = Path(cfg.train.output_dir)
@@ -111,6 +112,7 @@ def train(cfg: Config) -> dict[str, Any]:
     import_model_classes(cfg.model)
     with zero3_construction(ds_config):  # ZeRO-3: no rank ever holds the whole model
         built = build_model(cfg.model, cfg.train.precision, cfg.data.max_pixels)
+    built.model.loss_chunk_tokens = cfg.train.loss_chunk_tokens  # the LM loss in chunks (models/loss.py)
     param_bytes = parameter_bytes(built.model)
     template = built.template(cfg.data.system_prompt)
     val_set = (build_dataset(cfg.data.val, cfg.data, template, built.image_processor, "data.val")
@@ -188,6 +190,7 @@ def train(cfg: Config) -> dict[str, Any]:
     # ZeRO-0 with fp32 computes the norm only to clip it and then drops it: take it ourselves
     keep_norm = engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
     own_norm = None
+    by_tokens = cfg.train.loss_normalization == "tokens"
     # log lines above the bar; the root logger holds the console handler (redirecting "zerovl" alone
     # printed each line twice: once through tqdm, once propagated to root)
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
@@ -195,30 +198,35 @@ def train(cfg: Config) -> dict[str, Any]:
             lr = set_lr(optimizer, lr_factor(step, total_steps, cfg.train.warmup_steps, cfg.train.schedule, min_ratio))
             started = time.perf_counter()
             timer.reset()
-            loss_sum = samples = tokens = vision_tokens = 0.0
-            for _ in range(accum):  # DeepSpeed applies the optimizer at the accumulation boundary
-                with timer.phase("data"):
-                    batch = stream.next()
-                    skipped += int(batch["num_skipped"])
-                    samples += int(batch["num_samples"])
-                    batch = {k: v.to(dist.device) for k, v in batch.items() if k not in META_KEYS}
+            samples = tokens = vision_tokens = 0
+            with timer.phase("data"):  # the whole step's micro-batches first: its token count weights each
+                micro_batches = [stream.next() for _ in range(accum)]
+            for batch in micro_batches:  # host-side figures from the CPU batches: no device sync
+                skipped += int(batch["num_skipped"])
+                samples += int(batch["num_samples"])
+                tokens += int(batch["attention_mask"].sum())
+                vision_tokens += built.model.vision_token_count(batch)
+            if by_tokens:
+                total_tokens = step_token_count(micro_batches, dist.device)  # one all-reduce per step
+                scale = backward_scale(total_tokens, dist.world_size, accum)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)  # summed on the device
+            for batch in micro_batches:  # DeepSpeed applies the optimizer at the accumulation boundary
+                batch = {k: v.to(dist.device) for k, v in batch.items() if k not in META_KEYS}
                 with timer.phase("forward"):
-                    loss = engine(**batch)
+                    loss = engine(**batch, loss_reduction="sum" if by_tokens else "mean")
                 with timer.phase("backward"):
-                    engine.backward(loss)
+                    engine.backward(loss * scale if by_tokens else loss)
                 with timer.phase("step"):
                     if keep_norm and engine.is_gradient_accumulation_boundary():
                         own_norm = replicated_grad_norm(engine.module)
                     engine.step()
-                loss_sum += loss.item()
-                tokens += batch["attention_mask"].sum().item()
-                vision_tokens += built.model.vision_token_count(batch)
+                loss_sum += loss.detach()
             step += 1
             state_bytes = state_bytes or optimizer_state_bytes(engine)  # Adam creates its state at step 1
             # one collective per step: every rank's figures, memory and stop signal (a rank's SIGTERM
             # thereby reaches all ranks at the same step)
-            per_rank = all_gather_floats([loss_sum, samples, tokens, vision_tokens, stop_signal.flag, skipped,
-                                          peak_memory_bytes(), state_bytes], dist.device)
+            per_rank = all_gather_floats([loss_sum.item(), samples, tokens, vision_tokens, stop_signal.flag,
+                                          skipped, peak_memory_bytes(), state_bytes], dist.device)
             loss_sum, samples, tokens, vision_tokens, stop, skipped_all = (sum(r[i] for r in per_rank)
                                                                            for i in range(6))
             elapsed = time.perf_counter() - started
@@ -226,7 +234,8 @@ def train(cfg: Config) -> dict[str, Any]:
             grad_norm = own_norm if grad_norm is None else grad_norm
             peaks = [int(r[6]) for r in per_rank]
             record = {"split": "train", "step": step, "epoch": stream.epoch, "consumed": stream.consumed,
-                      "loss": loss_sum / (accum * dist.world_size), "lr": lr,
+                      # the step's global token mean (tokens), or the mean of micro-batch means (samples)
+                      "loss": loss_sum / (float(total_tokens) if by_tokens else accum * dist.world_size), "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped_samples": int(skipped_all),
                       "data_wait_frac": timer.seconds["data"] / elapsed,
