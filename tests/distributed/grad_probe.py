@@ -10,6 +10,7 @@ import sys
 import deepspeed
 import torch
 
+from tests.distributed.helpers import exit_without_teardown
 from zerovl.config import load_config
 from zerovl.recipes.train import train
 
@@ -37,3 +38,4 @@ if __name__ == "__main__":
     config, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     deepspeed.initialize = _probing(deepspeed.initialize, out)
     train(load_config(config, overrides))
+    exit_without_teardown()

@@ -15,6 +15,7 @@ import sys
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tests.distributed.helpers import exit_without_teardown
 from zerovl.engine.distributed import init_distributed, shutdown
 from zerovl.models.loss import plain_loss
 from zerovl.models.vlm import ComposedVLM
@@ -88,3 +89,4 @@ def main(out: str, tie: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    exit_without_teardown()

@@ -22,6 +22,8 @@ import time
 import traceback
 from pathlib import Path
 
+from tests.distributed.helpers import exit_without_teardown
+
 
 class _Notes(logging.Handler):
     """Collects what ds_config logs about a file (translations, replaced DeepSpeed defaults)."""
@@ -98,3 +100,4 @@ def main(spec_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_without_teardown()
