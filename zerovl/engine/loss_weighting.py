@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
-
-
-def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens whose loss is computed: labels shift by one (position t predicts t+1), ignored ones excluded.
-    Packed rows already ignore each sample's first label, so no sample predicts across a boundary."""
-    return (labels[..., 1:] != IGNORE_INDEX).sum()
+from zerovl.models.loss import supervised_count
 
 
 def step_token_count(micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
     """The step's supervised tokens over all micro-batches and ranks (one all-reduce), on ``device``."""
     import deepspeed.comm as dist
 
-    local = sum(int(supervised_tokens(b["labels"])) for b in micro_batches)  # host tensors: no device sync
+    # the tokens the model's loss sums over (shifted labels != -100); host tensors: no device sync
+    local = sum(int(supervised_count(b["labels"])) for b in micro_batches)
     total = torch.tensor(float(local), dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
