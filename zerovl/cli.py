@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-error-rate", type=float, default=0.0, help="allowed share of broken records (0.01 = 1%%)")
     q.add_argument("--out", default=None, help="report and histogram directory (default <train.output_dir>/data_check)")
     q.add_argument("--no-images", action="store_true", help="skip opening every image (faster)")
-    q = data_sub.add_parser("prepare", help="tokenize the training data into data.cache_dir (parallel, resumable)")
+    q = data_sub.add_parser("prepare", help="tokenize the training data into data.cache_dir (parallel, resumable); "
+                            "compute frozen image features into data.feature_cache")
     q.add_argument("config")
     q.add_argument("overrides", nargs="*")
     q.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
@@ -242,11 +243,11 @@ def _cmd_report(args) -> int:
 
 def _cmd_data(args) -> int:
     from zerovl.config import load_config
-    from zerovl.recipes.data import check_data, describe_prepare, prepare_data
+    from zerovl.recipes.data import check_data, run_prepare
 
     cfg = load_config(args.config, args.overrides)
     if args.data_command == "prepare":
-        print(describe_prepare(prepare_data(cfg, args.workers, args.shard_size, args.overwrite), cfg.data.cache_dir))
+        print(run_prepare(cfg, args.workers, args.shard_size, args.overwrite))
         return 0
     report = check_data(cfg, args.out, args.max_error_rate, check_images=not args.no_images)
     print(report.render())

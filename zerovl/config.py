@@ -242,8 +242,12 @@ class DataSettings(ReaderOptions):
                           "(text + image tokens) so no rank waits for a heavy one")
     cache_dir: str | None = Field(None, description="pre-tokenized train set written by `zerovl data prepare`; "
                                   "used when its fingerprint matches, refused when stale")
+    feature_cache: str | None = Field(
+        None, description="frozen-feature cache: with a frozen vision tower (and a frozen Q-Former/MLP before a "
+        "trained projection) their output per image is computed once, stored here and read in training instead "
+        "of pixels; built by training or `zerovl data prepare` when missing, refused when stale")
 
-    @field_validator("cache_dir")
+    @field_validator("cache_dir", "feature_cache")
     @classmethod
     def _absolute_cache(cls, value: str | None) -> str | None:
         return _local_path(value)
@@ -256,8 +260,9 @@ class DataSettings(ReaderOptions):
         if streamed and len(self.train_datasets()) > 1:
             raise ValueError("a webdataset source is streamed and cannot be mixed with other datasets; list all "
                              "its shards in one path (e.g. shards/{000..099}.tar)")
-        if streamed and (self.packing or self.balance or self.cache_dir):
-            raise ValueError("data.packing, data.balance and data.cache_dir need a map-style format; webdataset "
+        if streamed and (self.packing or self.balance or self.cache_dir or self.feature_cache):
+            raise ValueError("data.packing, data.balance, data.cache_dir and data.feature_cache need a map-style "
+                             "format; webdataset "
                              "shards are streamed and tokenized on the fly")
         return self
 

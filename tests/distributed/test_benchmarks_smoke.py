@@ -20,6 +20,7 @@ SCRIPTS = {
     "prepare_throughput.py": (r"generated 400 .* samples/s", "--out", False),
     "rank_balance.py": (r"world 32: +interleaved \d\.\d{3} .* balanced \d\.\d{3}", None, False),
     "logits_memory.py": (r"peak memory plain / zerovl: \d+\.\dx, step time zerovl / plain: \d+\.\d{3}", None, False),
+    "feature_cache.py": (r"feature cache / pixels \(ratio of medians\): \d+\.\d{3}", "--work", True),
     "multinode_loopback.py": (r"2 nodes / 1 node \(ratio of medians\): \d+\.\d{3}", "--work", True),
 }
 

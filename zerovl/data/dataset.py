@@ -74,6 +74,10 @@ def encode_samples(samples: Sequence[Sample], template: ChatTemplate, max_length
 class TokenizedDataset(Dataset):
     """Pre-encoded samples: ids/labels from a TokenTable, image paths and ``file:line`` per sample."""
 
+    # the frozen-feature cache (zerovl.data.features.FeatureCache): when set, items carry
+    # ``image_features`` read from it instead of ``pixel_values``
+    features = None
+
     def __init__(self, tokens: TokenTable, image_paths: Sequence[Sequence[str]], sources: Sequence[str],
                  image_processor: ImageProcessor | None, max_pixels: int, skip_bad_samples: bool = False,
                  ranges: list[DatasetRange] | None = None, dropped: Counter | None = None, name: str = "train"):
@@ -101,6 +105,8 @@ class TokenizedDataset(Dataset):
         return (self.tokens.text_tokens + self.tokens.image_tokens).tolist()
 
     def _vision(self, paths: Sequence[str], source: str) -> dict[str, torch.Tensor]:
+        if self.features is not None:
+            return {"image_features": self.features.get(list(paths), source)} if paths else {}
         images = [load_image(p, self.max_pixels, source) for p in paths]
         return self.image_processor(images) if images else {}
 

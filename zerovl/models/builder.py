@@ -138,6 +138,7 @@ def build_model(settings: ModelSettings, precision: str = "fp32", data_max_pixel
         connector=connector,
         vision_trainable=settings.vision is not None and settings.vision.mode != "frozen",
         connector_trainable=settings.connector.mode != "frozen",
+        connector_projection_only=settings.connector.mode == "projection",
     )
     apply_training_modes(model, settings)
     return BuiltModel(model, tokenizer, processor, model.tokens_per_image, settings.image_token)

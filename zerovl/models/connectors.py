@@ -1,6 +1,8 @@
 """Connectors map vision features (N, T_v, D_v) to LLM embeddings (N, T, D_llm).
 
-Each one fixes ``tokens_per_image`` — how many image tokens the text must reserve per image.
+Each one fixes ``tokens_per_image`` — how many image tokens the text must reserve per image — and is
+``project(before_projection(features))``: the split the frozen-feature cache stores at when only the
+final projection trains (MiniGPT4Qwen).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ class LinearConnector(nn.Module):
         self.proj = nn.Linear(vision_dim, llm_dim)
         self.tokens_per_image = vision_tokens
 
+    def before_projection(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features)
 
@@ -35,6 +43,14 @@ class MLPConnector(nn.Module):
             layers += [nn.GELU(), nn.Linear(llm_dim, llm_dim)]
         self.mlp = nn.Sequential(*layers)
         self.tokens_per_image = vision_tokens
+
+    def before_projection(self, features: torch.Tensor) -> torch.Tensor:
+        for layer in self.mlp[:-1]:
+            features = layer(features)
+        return features
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp[-1](hidden)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(features)
@@ -76,10 +92,15 @@ class QFormerConnector(nn.Module):
         queries = load_prefixed_state_dict(path, "query_tokens")[""]
         load_into(self, {"query_tokens": queries}, f"{path} (query_tokens)", partial=True)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def before_projection(self, features: torch.Tensor) -> torch.Tensor:
         queries = self.query_tokens.expand(features.shape[0], -1, -1)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
-        return self.proj(out)
+        return self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.before_projection(features))
 
 
 def build_connector(settings, vision_dim: int, llm_dim: int, vision_tokens: int) -> nn.Module:

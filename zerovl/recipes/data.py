@@ -52,6 +52,25 @@ def prepare_data(cfg: Config, workers: int = 1, shard_size: int = 10_000, overwr
                          shard_size, overwrite)
 
 
+def run_prepare(cfg: Config, workers: int = 1, shard_size: int = 10_000, overwrite: bool = False) -> str:
+    """``zerovl data prepare``: the token cache (``data.cache_dir``) and/or the frozen-feature cache
+    (``data.feature_cache``, which loads the model's weights); what was done, one line each."""
+    if cfg.data.cache_dir is None and cfg.data.feature_cache is None:
+        raise DataError("set data.cache_dir (pre-tokenized shards) and/or data.feature_cache (frozen image "
+                        "features) to run data prepare")
+    lines = []
+    if cfg.data.cache_dir is not None:
+        lines.append(describe_prepare(prepare_data(cfg, workers, shard_size, overwrite), cfg.data.cache_dir))
+    if cfg.data.feature_cache is not None:
+        from zerovl.recipes.features import prepare_features
+
+        done = prepare_features(cfg, overwrite)
+        lines.append(f"prepared frozen features of {done['images']} images in "
+                     f"{done['shards_written'] + done['shards_reused']} shards ({done['shards_reused']} already "
+                     f"complete) in {done['seconds']:.1f} s -> {cfg.data.feature_cache}")
+    return "\n".join(lines)
+
+
 def describe_prepare(result: PrepareResult, cache_dir: str) -> str:
     dropped = f", dropped {dict(result.dropped)}" if result.dropped else ""
     return (f"prepared {result.samples} samples in {result.shards_written + result.shards_reused} shards "

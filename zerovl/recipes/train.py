@@ -44,6 +44,7 @@ from zerovl.engine.telemetry import (
 from zerovl.models.builder import build_model, import_model_classes, named_parts
 from zerovl.recipes.demo import require_demo_data
 from zerovl.recipes.evaluate import evaluate
+from zerovl.recipes.features import check_cacheable, use_feature_cache
 
 log = logging.getLogger("zerovl.train")
 
@@ -99,6 +100,7 @@ def part_learning_rates(cfg: Config) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------
     require_demo_data(cfg)  # configs/demo.yaml before `zerovl demo`: say so, not "cannot load a tokenizer"
+    check_cacheable(cfg)  # data.feature_cache needs a frozen vision tower: say so before building anything
     dist: DistInfo = init_distributed(cfg.train.dist_timeout_s)
     import deepspeed
 
@@ -133,6 +135,8 @@ def train(cfg: Config) -> dict[str, Any]:
     total = sum(full_numel(p) for p in built.model.parameters())
     engine, optimizer, _, _ = deepspeed.initialize(model=built.model, model_parameters=groups, config=ds_config)
     loaded = all_gather_floats([float(param_bytes[0])], dist.device)
+    if cfg.data.feature_cache:  # frozen prefix computed once (built here if missing); batches carry its output
+        use_feature_cache(cfg, engine.module, built.image_processor, train_set, dist)
     if dist.is_main:
         log.info("model: %.2fM parameters, %.2fM trainable; %d train samples (%d per epoch per rank in %d "
                  "micro-batches); %d optimizer steps; ZeRO-%d, %s, world %d", total / 1e6, trainable / 1e6,
