@@ -6,7 +6,16 @@ import random
 import numpy as np
 from PIL import Image
 
-from zerovl.data.demo_scenes import COLOURS, NUMBERS, WHERE, draw_scene, generate, questions, random_scene
+from zerovl.data.demo_scenes import (
+    COLOURS,
+    NUMBERS,
+    SLOTS,
+    WHERE,
+    draw_scene,
+    generate,
+    questions,
+    random_scene,
+)
 
 
 def test_answers_follow_from_the_scene():
@@ -27,10 +36,12 @@ def test_answers_follow_from_the_scene():
                 assert answer == NUMBERS[len(scene)]
             elif kind == "shape":
                 assert len(scene) == 1 and answer == scene[0].shape
+            elif kind == "where":
+                assert answer == SLOTS[by_colour[question.split()[3]].slot]
             else:
                 colour, where = question.split()[2], " ".join(question.split()[4:-1])
                 assert answer == ("yes" if WHERE[by_colour[colour].slot] == where else "no")
-    assert seen == {"colour", "count", "shape", "position"}
+    assert seen == {"colour", "count", "shape", "position", "where"}
 
 
 def test_drawn_colours_sit_in_their_slots():

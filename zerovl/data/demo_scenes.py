@@ -30,7 +30,7 @@ SLOTS = ("left", "middle", "right")
 WHERE = ("on the left", "in the middle", "on the right")
 NUMBERS = ("zero", "one", "two", "three")
 SIDES = {"circle": "zero", "square": "four", "triangle": "three"}
-QUESTION_TYPES = ("colour", "shape", "count", "position")
+QUESTION_TYPES = ("colour", "shape", "count", "position", "where")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ def questions(scene: list[Shape], rng: random.Random, position_questions: int = 
     """(type, question, answer) triples, one per question type that the scene allows.
 
     Objects are referred to by where they are (colour questions) or by their colour (position
-    questions, yes or no, half of them yes); shape is asked of single-object scenes. Every question
+    questions, yes or no, half of them yes; where questions, left / middle / right, which teach the
+    step the yes-or-no form hides behind a 50 % prior); shape is asked of single-object scenes. Every question
     has exactly one right answer.
     """
     obj = rng.choice(scene)
@@ -86,6 +87,8 @@ def questions(scene: list[Shape], rng: random.Random, position_questions: int = 
         ("colour", f"what colour is the shape {WHERE[obj.slot]} ?", obj.colour),
         ("count", "how many shapes are there ?", NUMBERS[len(scene)]),
     ]
+    where = rng.choice(scene)
+    qa.append(("where", f"where is the {where.colour} shape ?", SLOTS[where.slot]))
     for _ in range(position_questions):
         target = rng.choice(scene)
         asked = target.slot if rng.random() < 0.5 else rng.choice([s for s in range(3) if s != target.slot])
@@ -158,7 +161,7 @@ def vocabulary_words() -> list[str]:
     words: set[str] = set()
     texts: Iterable[str] = [
         "what colour is the object ? shape how many shapes are there is left or right of describe image it yes no .",
-        "on in",
+        "on in where",
         "a then does have sides", " ".join(COLOURS), " ".join(SHAPES), " ".join(NUMBERS), " ".join(SLOTS),
         " ".join(SIDES.values()), "system user assistant you are helpful",
     ]
