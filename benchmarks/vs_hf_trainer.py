@@ -62,9 +62,9 @@ def hf_trainer(cfg, steps: int, run_dir: Path) -> tuple[list[tuple[int, float]],
             super().__init__()
             self.vlm = vlm
 
-        def forward(self, input_ids, attention_mask, labels=None, pixel_values=None):
+        def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, position_ids=None):
             return {"loss": self.vlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                     pixel_values=pixel_values)}
+                                     pixel_values=pixel_values, position_ids=position_ids)}
 
     class SameBatches(Trainer):
         def get_train_dataloader(self):  # zerovl's sampler already shards by rank
