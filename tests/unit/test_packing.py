@@ -86,3 +86,14 @@ def test_packing_plan_is_deterministic_per_epoch_and_covers_every_sample():
     for epoch in (0, 1):
         assert sorted(i for u in plan.units(epoch) for i in u) == list(range(300))
     assert plan.cost(plan.units(0)[0]) == int(lengths[list(plan.units(0)[0])].sum()) <= 128
+
+
+def test_iterating_a_dataset_ends_after_its_last_sample(tiny):
+    """``for item in dataset`` (what transformers' LengthGroupedSampler does to read lengths) stops at
+    IndexError; indices used to wrap round and the loop never ended."""
+    _, ds = tiny
+    lengths = [len(item["input_ids"]) for item in ds]
+    assert lengths == ds.lengths()
+    assert torch.equal(ds[-1]["input_ids"], ds[len(ds) - 1]["input_ids"])
+    with pytest.raises(IndexError, match=f"sample {len(ds)} of {len(ds)}"):
+        ds[len(ds)]

@@ -157,7 +157,9 @@ class TokenizedDataset(Dataset):
     def __getitem__(self, index: int | tuple[int, ...]) -> dict[str, Any]:
         if isinstance(index, (tuple, list)):
             return self._pack(index)
-        return self._single(index)
+        if not -len(self) <= index < len(self):  # `for item in dataset` (HF's LengthGroupedSampler) stops here
+            raise IndexError(f"sample {index} of {len(self)}")
+        return self._single(index % len(self))
 
     @classmethod
     def concat(cls, datasets: Sequence[TokenizedDataset], names: Sequence[str], weights: Sequence[float],
