@@ -152,6 +152,41 @@ def zerovl_train(cfg, is_main: bool) -> tuple[list[tuple[int, float]], float | N
     return [(r["step"], r["time"]) for r in records], first
 
 
+def trainer_model(vlm):
+    """A zerovl model as transformers.Trainer takes it: Trainer reads outputs["loss"]; zerovl's models
+    return the bare loss tensor. The explicit signature (no **kwargs) tells Trainer the model does not
+    take num_items_in_batch, so it scales the mean loss for accumulation itself, as DeepSpeed does."""
+    from torch import nn
+
+    class WithLossDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vlm = vlm
+
+        def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, position_ids=None):
+            return {"loss": self.vlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                     pixel_values=pixel_values, position_ids=position_ids)}
+
+    return WithLossDict()
+
+
+def trainer_arguments(cfg, ds_config: dict, on_cpu: bool, output_dir: Path, **length):
+    """TrainingArguments matching zerovl's ``cfg.train`` (batch, accumulation, AdamW settings, clipping,
+    precision, seed) with the DeepSpeed config zerovl resolved, a constant LR and no logging or saving;
+    ``length``: ``max_steps=N`` or ``num_train_epochs=N`` plus any other TrainingArguments field."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
+        adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_epsilon=t.eps, max_grad_norm=t.grad_clip,
+        lr_scheduler_type="constant", warmup_steps=0, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
+        logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=t.seed,
+        dataloader_num_workers=cfg.data.num_workers, remove_unused_columns=False, deepspeed=ds_config,
+        use_cpu=on_cpu, ddp_backend="gloo" if on_cpu else None, **length)
+
+
 class ContenderFailed(Exception):
     """A contender cannot run here; it has already written the reason as the result."""
 

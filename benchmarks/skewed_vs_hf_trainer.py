@@ -30,8 +30,10 @@ least 1.5x faster.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import random
 import resource
 import statistics
@@ -61,14 +63,8 @@ MAX_LENGTH = 512
 def extra_arguments(p) -> None:
     p.add_argument("--samples", type=int, default=1000, help="samples in the epoch")
     p.add_argument("--batch", type=int, default=8, help="Trainer's per-device batch (samples)")
-    p.add_argument("--contender", choices=CONTENDERS, help=argparse_hidden())
-    p.add_argument("--round", type=int, default=0, help=argparse_hidden())
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
+    p.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)  # set by launch() for the ranks
+    p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def skewed_records(images: list[str], count: int, seed: int = 0) -> list[dict]:
@@ -142,8 +138,7 @@ def rows_for(cfg, target_samples_per_step: float, world: int) -> int:
 def run_hf(cfg, strategy: str, batch: int) -> dict:
     """transformers.Trainer + DeepSpeed with its own sampler and padding collate for one epoch."""
     import torch
-    from torch import nn
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     from zerovl.data.collate import META_KEYS, pad_collate
     from zerovl.data.pipeline import build_train_set
@@ -169,17 +164,6 @@ def run_hf(cfg, strategy: str, batch: int) -> dict:
         counted["padded"] += out["input_ids"].numel()
         return out
 
-    class WithLossDict(nn.Module):
-        """Trainer reads outputs["loss"]; no **kwargs, so Trainer scales the mean loss itself."""
-
-        def __init__(self, vlm):
-            super().__init__()
-            self.vlm = vlm
-
-        def forward(self, input_ids, attention_mask, labels=None, pixel_values=None):
-            return {"loss": self.vlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                     pixel_values=pixel_values)}
-
     clock: dict[str, float] = {}
 
     class Clock(TrainerCallback):
@@ -189,17 +173,10 @@ def run_hf(cfg, strategy: str, batch: int) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             clock["end"], clock["steps"] = time.time(), state.global_step
 
-    t = cfg.train
-    args = TrainingArguments(
-        output_dir=cfg.train.output_dir, num_train_epochs=1, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
-        adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_epsilon=t.eps, max_grad_norm=t.grad_clip,
-        lr_scheduler_type="constant", warmup_steps=0, train_sampling_strategy=strategy,
-        logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=t.seed,
-        dataloader_num_workers=cfg.data.num_workers, remove_unused_columns=False,
-        deepspeed=build_ds_config(cfg, dist.world_size, dist.on_cpu),
-        use_cpu=dist.on_cpu, ddp_backend="gloo" if dist.on_cpu else None)
-    trainer = Trainer(model=WithLossDict(built.model), args=args, train_dataset=dataset, data_collator=collate,
+    args = _common.trainer_arguments(cfg, build_ds_config(cfg, dist.world_size, dist.on_cpu), dist.on_cpu,
+                                     Path(cfg.train.output_dir), num_train_epochs=1,
+                                     train_sampling_strategy=strategy)
+    trainer = Trainer(model=_common.trainer_model(built.model), args=args, train_dataset=dataset, data_collator=collate,
                       callbacks=[Clock()])
     trainer.train()
     totals = all_reduce_sum([counted["samples"], counted["tokens"], counted["padded"]], dist.device)
@@ -247,8 +224,6 @@ def on_rank(args, data: Path) -> None:
 
 
 def launch(args, contender: str, round_: int) -> dict:
-    import os
-
     from zerovl.engine.launch import run_ranks, torchrun
 
     work = Path(args.work).absolute()

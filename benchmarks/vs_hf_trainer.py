@@ -25,9 +25,8 @@ import _common  # noqa: E402
 def hf_trainer(cfg, steps: int, run_dir: Path) -> tuple[list[tuple[int, float]], float | None]:
     """Train with transformers.Trainer + DeepSpeed; (per-step timestamps, step-1 loss) on rank 0."""
     import torch
-    from torch import nn
     from torch.utils.data import DataLoader
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     from zerovl.data.collate import META_KEYS, pad_collate
     from zerovl.data.pipeline import build_train_data
@@ -53,19 +52,6 @@ def hf_trainer(cfg, steps: int, run_dir: Path) -> tuple[list[tuple[int, float]],
     ds_config = build_ds_config(resolved, dist.world_size, dist.on_cpu)
     t = resolved.train
 
-    class WithLossDict(nn.Module):
-        """Trainer reads outputs["loss"]; ComposedVLM returns the bare loss tensor. The explicit
-        signature (no **kwargs) tells Trainer the model does not take num_items_in_batch, so it scales
-        the mean loss for accumulation itself, as zerovl and DeepSpeed do."""
-
-        def __init__(self, vlm):
-            super().__init__()
-            self.vlm = vlm
-
-        def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, position_ids=None):
-            return {"loss": self.vlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                     pixel_values=pixel_values, position_ids=position_ids)}
-
     class SameBatches(Trainer):
         def get_train_dataloader(self):  # zerovl's sampler already shards by rank
             if hasattr(data.sampler, "set_position"):
@@ -87,15 +73,8 @@ def hf_trainer(cfg, steps: int, run_dir: Path) -> tuple[list[tuple[int, float]],
                 losses.append((out[0] if return_outputs else out).detach().float().item())
             return out
 
-    args = TrainingArguments(
-        output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
-        adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_epsilon=t.eps, max_grad_norm=t.grad_clip,
-        lr_scheduler_type="constant", warmup_steps=0, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-        logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=t.seed,
-        dataloader_num_workers=cfg.data.num_workers, remove_unused_columns=False, deepspeed=ds_config,
-        use_cpu=dist.on_cpu, ddp_backend="gloo" if dist.on_cpu else None)
-    trainer = FirstLoss(model=WithLossDict(built.model), args=args, train_dataset=data.dataset,
+    args = _common.trainer_arguments(resolved, ds_config, dist.on_cpu, run_dir, max_steps=steps)
+    trainer = FirstLoss(model=_common.trainer_model(built.model), args=args, train_dataset=data.dataset,
                         callbacks=[Clock()])
     trainer.train()
     from zerovl.engine.distributed import all_reduce_sum
