@@ -159,7 +159,7 @@ class TokenizedDataset(Dataset):
             return self._pack(index)
         if not -len(self) <= index < len(self):  # `for item in dataset` (HF's LengthGroupedSampler) stops here
             raise IndexError(f"sample {index} of {len(self)}")
-        return self._single(index % len(self))
+        return self._single(index)  # wraps a negative index as a list does
 
     @classmethod
     def concat(cls, datasets: Sequence[TokenizedDataset], names: Sequence[str], weights: Sequence[float],
