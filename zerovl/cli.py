@@ -57,6 +57,8 @@ EXAMPLES = {
              "           torchrun --nproc_per_node 8 -m zerovl train CONFIG deepspeed=zero3  (several ranks)",
     "demo": "zerovl demo  (synthetic scenes, a tiny VLM trained on 2 CPU ranks, accuracy in ~10 min)",
     "chat": "zerovl chat --run runs/demo --image runs/demo/data/images/val_00000.png \"how many shapes are there ?\"",
+    "eval": "zerovl eval runs/demo --task vqa --data vqav2_questions.json --annotations vqav2_annotations.json\n"
+            "           torchrun --nproc_per_node 8 -m zerovl eval RUN --task caption --data captions_val2017.json",
     "model": "zerovl model summary configs/demo.yaml  (parts, parameters, trainable, dtype)",
     "export": "zerovl export runs/demo exported/demo  (HF safetensors directories)",
     "plan": "zerovl plan configs/llava.yaml --gpus 8 --gpu-mem 80GB  (memory per GPU for each ZeRO option)",
@@ -95,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image path (repeat for several)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("question", nargs="?", help="omit for an interactive session")
+
+    p = sub.add_parser("eval", help="score a run, checkpoint or export on VQA, captioning, multiple choice "
+                       "or loss (run under torchrun for several ranks)")
+    p.add_argument("source", help="run directory, one of its checkpoints, or a `zerovl export` directory")
+    p.add_argument("--task", required=True, choices=("vqa", "caption", "mcq", "loss", "open"))
+    p.add_argument("--data", required=True, help="questions / captions / TSV / JSONL file")
+    p.add_argument("--annotations", help="vqa: the VQAv2 annotations JSON beside --data")
+    p.add_argument("--image-root", help="image paths are relative to this (default: the data file's folder)")
+    p.add_argument("--out", help="where metrics.json and predictions.jsonl go (default: SOURCE/eval/TASK)")
+    p.add_argument("--name", help="label in the outputs (default: the task)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--max-new-tokens", type=int, help="default: vqa/mcq 16, caption 32, open 128")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--metric", help="vqa: vqa (soft accuracy, default) or exact (GQA-style)")
+    p.add_argument("--prompt", help="vqa: suffix after the question; caption/open: the prompt")
+    p.add_argument("--circular", action="store_true", help="mcq: every rotation of the options must be right")
+    p.add_argument("--zero", choices=("auto", "0", "3"), default="auto",
+                   help="3: shard the model over the ranks (auto: as the run was trained)")
 
     p = sub.add_parser("model", help="inspect the model a config describes")
     model_sub = p.add_subparsers(dest="model_command", required=True)
@@ -197,6 +218,17 @@ def _cmd_chat(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from zerovl.config import EvalTaskSettings
+    from zerovl.recipes.evaluate import eval_command
+
+    fields = ("task", "data", "annotations", "image_root", "name", "metric", "prompt", "circular")
+    settings = EvalTaskSettings(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    eval_command(args.source, settings, args.out, args.batch_size, args.max_new_tokens, args.num_beams,
+                 args.max_samples, args.zero)
+    return 0
+
+
 def _cmd_model(args) -> int:
     from zerovl.config import load_config
     from zerovl.recipes.summary import model_summary
@@ -254,7 +286,7 @@ def _cmd_data(args) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "export": _cmd_export, "model": _cmd_model,
+COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "eval": _cmd_eval, "export": _cmd_export, "model": _cmd_model,
             "plan": _cmd_plan, "bench": _cmd_bench, "report": _cmd_report, "data": _cmd_data}
 
 

@@ -314,6 +314,8 @@ class TrainSettings(_Strict):
     resume: str = Field("auto", description="auto | none | path to a checkpoint directory")
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0)
+    keep_best: str | None = Field(None, description="<task name>/<metric> of eval.tasks (or loss for val loss): "
+                                  "the checkpoint where it was best stays out of the keep_last rotation")
     tensorboard: bool = False
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU when not auto-detected")
     dist_timeout_s: float = Field(
@@ -327,11 +329,47 @@ class TrainSettings(_Strict):
         return self
 
 
+EVAL_TASKS = ("vqa", "caption", "mcq", "loss", "open")
+
+
+class EvalTaskSettings(_Strict):
+    """One benchmark run at ``train.eval_every`` (and by ``zerovl eval`` with the same options)."""
+
+    task: Literal["vqa", "caption", "mcq", "loss", "open"]
+    data: str = Field(description="the task's file: VQAv2 questions JSON, COCO captions JSON, MMBench TSV, "
+                      "or JSON/JSONL")
+    annotations: str | None = Field(None, description="VQAv2 layout: the annotations JSON beside the questions")
+    image_root: str | None = None
+    name: str | None = Field(None, description="logged as val/<name>/<metric>; defaults to the task")
+    metric: str | None = Field(None, description="vqa: vqa (soft accuracy, default) or exact (GQA-style)")
+    prompt: str | None = Field(None, description="vqa: suffix after the question; caption/open: the prompt")
+    circular: bool = Field(False, description="mcq: rotate the options; a question counts when every rotation is right")
+    max_samples: int | None = Field(None, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0)
+    num_beams: int | None = Field(None, gt=0)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.task
+
+
 class EvalSettings(_Strict):
     exact_match: bool = Field(False, description="generate answers on val and score exact match")
-    max_new_tokens: int = Field(16, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="default: exact_match 16; each task its own "
+                                       "(vqa and mcq 16, caption 32, open 128)")
+    num_beams: int = Field(1, gt=0)
     batch_size: int = Field(16, gt=0)
     max_samples: int | None = Field(None, gt=0)
+    tasks: list[EvalTaskSettings] = Field(default_factory=list, description="benchmarks run at train.eval_every "
+                                          "through the code of `zerovl eval`")
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> EvalSettings:
+        labels = [t.label for t in self.tasks]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"two eval.tasks are both named '{twice[0]}': give each a distinct name")
+        return self
 
 
 class Config(_Strict):
@@ -340,6 +378,19 @@ class Config(_Strict):
     train: TrainSettings = TrainSettings()
     deepspeed: str | dict[str, Any] = "zero2"
     eval: EvalSettings = EvalSettings()
+
+    @model_validator(mode="after")
+    def _keep_best_names_a_task(self) -> Config:
+        best = self.train.keep_best
+        if best is None:
+            return self
+        labels = [t.label for t in self.eval.tasks]
+        if best != "loss" and (best.count("/") != 1 or best.split("/")[0] not in labels):
+            choices = ", ".join([f"{x}/<metric>" for x in labels] + ["loss"])
+            raise ValueError(f"train.keep_best '{best}' names no eval task: use one of {choices}")
+        if not self.train.eval_every:
+            raise ValueError("train.keep_best needs train.eval_every > 0 (the best is judged at each evaluation)")
+        return self
 
     @field_validator("deepspeed")
     @classmethod
@@ -460,6 +511,11 @@ def _absolutize(data: dict[str, Any]) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(path[-1]), str):
             node[path[-1]] = os.path.abspath(os.path.expanduser(node[path[-1]]))
+    tasks = (data.get("eval") or {}).get("tasks") if isinstance(data.get("eval"), dict) else None
+    for task in tasks if isinstance(tasks, list) else []:
+        for key in ("data", "annotations", "image_root"):
+            if isinstance(task, dict) and isinstance(task.get(key), str):
+                task[key] = os.path.abspath(os.path.expanduser(task[key]))
     ds = data.get("deepspeed")
     if isinstance(ds, str) and ds.endswith(".json"):
         data["deepspeed"] = os.path.abspath(ds)

@@ -7,6 +7,8 @@ Layout under ``<output_dir>/checkpoints``::
         zerovl_rank<r>.pt     RNG states of rank r (every rank)
         COMPLETE              written last, after every rank finished writing
     latest                    name of the newest COMPLETE checkpoint, replaced atomically
+    best.json                 with train.keep_best: the checkpoint where the metric was best, its value
+                              (kept out of the keep_last rotation)
 
 Every rank calls :func:`save` (DeepSpeed's save is collective: a rank-0-only save hangs). A checkpoint
 without ``COMPLETE`` — a crash or kill mid-save — is never resumed from; the previous one is.
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "zerovl_state.json"
 DONE_FILE = "COMPLETE"
 LATEST_FILE = "latest"
+BEST_FILE = "best.json"
 _TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -125,10 +128,57 @@ def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], dist:
         _atomic_write(ckpt / STATE_FILE, json.dumps(state, indent=1))
         _atomic_write(ckpt / DONE_FILE, tag + "\n")
         _atomic_write(root / LATEST_FILE, tag)
+        kept_best = Best.tag_in(root)
         for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != kept_best:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return ckpt
+
+
+class Best:
+    """``train.keep_best``: the best value of one evaluation figure so far and the step it was reached at,
+    kept in ``checkpoints/best.json`` so a resumed run goes on comparing against it."""
+
+    def __init__(self, root: Path, key: str | None, value: float | None = None, step: int | None = None):
+        self.root, self.key, self.value, self.step = root, key, value, step
+
+    @classmethod
+    def load(cls, output_dir: str | Path, key: str | None) -> Best:
+        root = checkpoint_root(output_dir)
+        path = root / BEST_FILE
+        saved = json.loads(path.read_text()) if key and path.is_file() else {}
+        if saved.get("key") != key:  # another figure was tracked before: start afresh
+            saved = {}
+        return cls(root, key, saved.get("value"), saved.get("step"))
+
+    @staticmethod
+    def tag_in(root: Path) -> str | None:
+        path = root / BEST_FILE
+        return json.loads(path.read_text()).get("tag") if path.is_file() else None
+
+    def improved_by(self, result: dict[str, Any]) -> bool:
+        if self.key is None:
+            return False
+        name = self.key if self.key == "loss" else f"val/{self.key}"
+        if name not in result:
+            raise ConfigError(f"train.keep_best={self.key}: the evaluation gave no such figure (it gave "
+                              f"{', '.join(k for k in result if k.startswith('val/') or k == 'loss')})")
+        value = float(result[name])
+        lower = any(word in self.key.lower() for word in ("loss", "perplexity"))
+        if self.value is not None and (value >= self.value if lower else value <= self.value):
+            return False
+        self.value = value
+        return True
+
+    def mark(self, step: int, is_main: bool) -> None:
+        """Record the checkpoint of ``step`` as the best (it exists: the caller saved it)."""
+        self.step = step
+        if is_main:
+            _atomic_write(self.root / BEST_FILE, json.dumps({"key": self.key, "value": self.value, "step": step,
+                                                             "tag": tag_for(step)}, indent=1))
+            log.info("best %s so far: %.6g at step %d (%s kept out of the rotation)", self.key, self.value, step,
+                     tag_for(step))
 
 
 def find_resume(output_dir: str | Path) -> Path | None:

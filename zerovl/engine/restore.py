@@ -54,11 +54,12 @@ def load_trained(run_or_ckpt: str | Path, precision: str = "fp32") -> tuple[Conf
     return cfg, built, ckpt
 
 
-def load_export(export_dir: str | Path, precision: str = "fp32") -> tuple[ModelSettings, BuiltModel, dict]:
-    """Load what ``zerovl export`` wrote: HF directories for the LLM and vision tower, the connector."""
-    from safetensors.torch import load_file
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / EXPORT_MANIFEST).is_file()
 
-    export_dir = Path(export_dir)
+
+def export_settings(export_dir: Path) -> tuple[ModelSettings, dict]:
+    """The model settings an export was written with, its paths made absolute, and its manifest."""
     manifest_path = export_dir / EXPORT_MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{export_dir} is not a zerovl export (no {EXPORT_MANIFEST})")
@@ -69,7 +70,15 @@ def load_export(export_dir: str | Path, precision: str = "fp32") -> tuple[ModelS
         if (model.get(part) or {}).get("path"):
             model[part]["path"] = str(export_dir / model[part]["path"])
     model["tokenizer"] = str(export_dir / model["tokenizer"])
-    settings = ModelSettings.model_validate(model)
+    return ModelSettings.model_validate(model), manifest
+
+
+def load_export(export_dir: str | Path, precision: str = "fp32") -> tuple[ModelSettings, BuiltModel, dict]:
+    """Load what ``zerovl export`` wrote: HF directories for the LLM and vision tower, the connector."""
+    from safetensors.torch import load_file
+
+    export_dir = Path(export_dir)
+    settings, manifest = export_settings(export_dir)
     built = build_model(settings, precision)
     adapter = export_dir / "llm_adapter"
     if adapter.is_dir():

@@ -7,7 +7,6 @@ final checkpoints and evaluation. Everything DeepSpeed-specific lives in ``zerov
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -41,6 +40,7 @@ from zerovl.engine.telemetry import (
     peak_memory_bytes,
     replicated_grad_norm,
 )
+from zerovl.engine.zero3 import zero3_construction
 from zerovl.models.builder import build_model, import_model_classes, named_parts
 from zerovl.recipes.demo import require_demo_data
 from zerovl.recipes.evaluate import evaluate
@@ -61,25 +61,6 @@ def library_versions() -> dict[str, str]:
 
     return {"zerovl": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__}
-
-
-@contextlib.contextmanager
-def zero3_construction(ds_config: dict[str, Any]):
-    """Under ZeRO-3, build the model inside deepspeed.zero.Init (parameters are partitioned as they are
-    created) and let transformers' from_pretrained/from_config do the same via HfDeepSpeedConfig, so a
-    model larger than one rank's memory never exists whole on any rank."""
-    if zero_stage(ds_config) != 3:
-        yield
-        return
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
-    hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it
-    # no dtype=: the config's bf16/fp16 switch decides it (in 0.19.8 an explicit dtype is ignored on a
-    # CPU accelerator, `dtype or half if fp16_supported else bf16`, and fp32 runs would get bf16 weights)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        yield
-    del hf_ds_config
 
 
 def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -163,17 +144,25 @@ def train(cfg: Config) -> dict[str, Any]:
                  "schedule": {"type": cfg.train.schedule, "warmup_steps": cfg.train.warmup_steps,
                               "total_steps": total_steps, "min_ratio": min_ratio},
                  "config": cfg.model_dump(mode="json"), "versions": library_versions()}
+        nonlocal last_saved
         ckpt = checkpoint.save(engine, out, at_step, state, dist, cfg.train.keep_last,
                                trainable_only=trainable < total)
+        last_saved = at_step
         if dist.is_main:
             size = checkpoint.directory_bytes(ckpt)
             metrics.write({"event": "checkpoint", "step": at_step, "bytes": size, "trainable_only": trainable < total})
             log.info("saved checkpoint %s (%.1f MB%s)", ckpt, size / 2**20,
                      ", trainable parameters only" if trainable < total else "")
 
+    best = checkpoint.Best.load(out, cfg.train.keep_best)
+
     def run_eval(at_step: int) -> dict[str, Any]:
-        result = evaluate(engine, val_set, template, cfg, dist, collate)
+        result = evaluate(engine, val_set, template, cfg, dist, collate, built.image_processor, out, at_step)
         metrics.write({"split": "val", "step": at_step, **result})
+        if best.improved_by(result):  # the same figures on every rank: all save together
+            if last_saved != at_step:
+                save(at_step)
+            best.mark(at_step, dist.is_main)
         engine.train()
         return result
 
@@ -195,6 +184,7 @@ def train(cfg: Config) -> dict[str, Any]:
     keep_norm = engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
     own_norm = None
     by_tokens = cfg.train.loss_normalization == "tokens"
+    evaluates = val_set is not None or bool(cfg.eval.tasks)
     # log lines above the bar; the root logger holds the console handler (redirecting "zerovl" alone
     # printed each line twice: once through tqdm, once propagated to root)
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
@@ -257,11 +247,10 @@ def train(cfg: Config) -> dict[str, Any]:
                             refresh=False)
             if cfg.train.save_every and step % cfg.train.save_every == 0:
                 save(step)
-                last_saved = step
             if stop:
                 stop_signal.received = stop_signal.received or "a stop signal on another rank"
                 break
-            if cfg.train.eval_every and val_set is not None and step % cfg.train.eval_every == 0 and step < total_steps:
+            if cfg.train.eval_every and evaluates and step % cfg.train.eval_every == 0 and step < total_steps:
                 run_eval(step)
     stop_signal.restore()
     bar.close()
@@ -274,7 +263,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if dist.is_main:
             log.warning("received %s: stopped after step %d/%d with a checkpoint; run the same command again "
                         "to resume (train.resume=auto)", stop_signal.received, step, total_steps)
-    elif val_set is not None and step == total_steps:
+    elif evaluates and step == total_steps:
         result.update(run_eval(step))
     if dist.is_main:
         log.info("done: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})

@@ -1,0 +1,1 @@
+"""Scorers: pure functions from predictions and references to metrics, one module per task."""
