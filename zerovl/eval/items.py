@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 VQA_SUFFIX = "Answer the question using a single word or phrase."  # lmms-eval's and VLMEvalKit's
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # lmms-eval's coco_cap prompt
 OPTION_KEYS = "ABCDEFGHI"
+BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")  # no dot, so never a file name with an extension
 
 
 @dataclass
@@ -318,7 +320,7 @@ def _options(rec: dict[str, Any]) -> dict[str, str]:
 def _mcq_image(rec: dict[str, Any], root: Path, source: str, item_id: str) -> tuple[list[str], list[bytes] | None]:
     """MMBench stores the image as base64 in ``image``; other files give a path."""
     value = rec.get("image")
-    if isinstance(value, str) and len(value) > 512 and not os.path.isfile(value):
+    if isinstance(value, str) and len(value) > 64 and BASE64.fullmatch(value[:256]) and not os.path.isfile(value):
         try:
             return [f"{item_id}.png"], [base64.b64decode(value, validate=False)]
         except (binascii.Error, ValueError):

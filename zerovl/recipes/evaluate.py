@@ -345,7 +345,8 @@ def load_evaluator(source: str | Path, dist: DistInfo, zero: str = "auto") -> Ev
         run_dir, ckpt = split_run_and_checkpoint(source)
         cfg = load_config(run_dir / "config.yaml", environ={})
         settings, trained_stage = cfg.model, int(checkpoint.read_state(ckpt).get("zero_stage", 0))
-    data = cfg.data if cfg is not None else DataSettings()
+    # an export has no data section: the reader defaults (its training files are not needed, so unvalidated)
+    data = cfg.data if cfg is not None else DataSettings.model_construct()
     precision = "fp32" if dist.on_cpu else (cfg.train.precision if cfg is not None else "bf16")
     shard = dist.world_size > 1 and (zero == "3" or (zero == "auto" and trained_stage == 3))
 
