@@ -24,6 +24,7 @@ SCRIPTS = {
     "multinode_loopback.py": (r"2 nodes / 1 node \(ratio of medians\): \d+\.\d{3}", "--work", True),
     "skewed_vs_hf_trainer.py": (r"zerovl vs the better Trainer setting \(hf_\w+\): \d+\.\d\dx faster per epoch",
                                 "--work", True),
+    "eval_throughput.py": (r"batched / one-at-a-time samples/s \(ratio of medians\): \d+\.\d\dx", "--work", True),
 }
 # four fresh torchrun launches (one per contender, each rank's peak memory its own) take about 2 min here
 TIMEOUT_S = {"skewed_vs_hf_trainer.py": 600}

@@ -113,3 +113,13 @@ def test_bad_eval_input_is_one_line(trained, tmp_path, scenes):
     assert proc.returncode != 0 and "dup.jsonl:2: id '1' already used at" in proc.stdout, proc.stdout[-2000:]
     proc = run(["eval", str(trained["run"]), "--task", "vqa", "--metric", "bleu", "--data", str(dup)], nproc=1)
     assert proc.returncode != 0 and "unknown metric 'bleu' for vqa" in proc.stdout, proc.stdout[-2000:]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    good = json.loads(scenes["val"].read_text().splitlines()[0])["images"][0]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"id": i, "image": str(image), "question": "q", "answers": ["red"]}) + "\n"
+                             for i, image in enumerate([scenes["val"].parent / good, broken, tmp_path / "gone.png",
+                                                        scenes["val"].parent / good])))
+    _, rows, m = _eval(trained, tmp_path / "mixed_out", "vqa", mixed, 1, "--prompt", "")
+    assert [r["id"] for r in rows] == ["0", "3"] and m["n"] == 2
+    assert m["left_out"] == {"missing_image": 1, "unreadable_image": 1}
