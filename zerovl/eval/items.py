@@ -125,7 +125,8 @@ def _add(data: TaskData, seen: dict[str, str], item: EvalItem) -> None:
     if item.id in seen:
         raise DataError(f"{item.sample.source}: id {item.id!r} already used at {seen[item.id]}; ids must be "
                         f"unique (one prediction per id)")
-    missing = [p for p in item.sample.images if not os.path.isfile(p)]
+    held = item.sample.meta.get("image_bytes") is not None  # images inside the file (MMBench's base64)
+    missing = [] if held else [p for p in item.sample.images if not os.path.isfile(p)]
     if missing:
         data.drop("missing_image", f"{item.sample.source}: image {missing[0]} not found")
         return
@@ -352,11 +353,5 @@ def read_mcq(settings: EvalTaskSettings) -> TaskData:
             item = EvalItem(qid if r == 0 else f"{qid}@{r}", sample, [letter],
                             {"options": opts, "answer": letter, "group": qid,
                              "category": str(rec["category"]) if _present(rec.get("category")) else None})
-            if held is None:
-                _add(data, seen, item)
-            elif item.id in seen:
-                raise DataError(f"{source}: id {item.id!r} already used at {seen[item.id]}")
-            else:
-                seen[item.id] = source
-                data.items.append(item)
+            _add(data, seen, item)
     return data

@@ -350,14 +350,14 @@ def load_evaluator(source: str | Path, dist: DistInfo, zero: str = "auto") -> Ev
     precision = "fp32" if dist.on_cpu else (cfg.train.precision if cfg is not None else "bf16")
     shard = dist.world_size > 1 and (zero == "3" or (zero == "auto" and trained_stage == 3))
 
+    system = cfg.data.system_prompt if cfg is not None else None
+
     def full_model():
-        built = (load_export(source, precision)[1] if export else load_trained(source, precision)[1])
-        return built
+        return load_export(source, precision)[1] if export else load_trained(source, precision)[1]
 
     if not shard:
         built = full_model()
         built.model.to(dist.device)
-        system = cfg.data.system_prompt if cfg is not None else None
         return Evaluator(built.model, built.model, built.template(system), built.image_processor, data.max_pixels,
                          data, dist, synced=False)
     import deepspeed
@@ -374,15 +374,16 @@ def load_evaluator(source: str | Path, dist: DistInfo, zero: str = "auto") -> Ev
     del full
     engine, *_ = deepspeed.initialize(model=built.model, config=ds_config)
     engine.eval()
-    system = cfg.data.system_prompt if cfg is not None else None
     return Evaluator(engine, engine.module, built.template(system), built.image_processor, data.max_pixels, data,
                      dist, synced=True)
 
 
 def default_out(source: str | Path, label: str) -> Path:
     """``RUN/eval/<task>``, ``RUN/eval/step_N/<task>`` for a checkpoint, ``EXPORT/eval/<task>``."""
+    from zerovl.engine.restore import is_export
+
     source = Path(source)
-    if (source / "config.yaml").is_file() or (source / "zerovl_model.json").is_file():
+    if (source / "config.yaml").is_file() or is_export(source):
         return source / "eval" / safe_name(label)
     return source.parent.parent / "eval" / source.name / safe_name(label)
 
