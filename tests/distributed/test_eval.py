@@ -28,6 +28,17 @@ def _mcq_file(scenes, path):
     return path
 
 
+def _caption_file(scenes, path):
+    """A JSONL of (image, references) from the scene val set: each answer, phrased two ways, is a reference."""
+    rows = []
+    for r in (json.loads(line) for line in scenes["val"].read_text().splitlines()):
+        answer = r["messages"][1]["content"]
+        rows.append(json.dumps({"image": str(scenes["val"].parent / r["images"][0]),
+                                "references": [answer, f"a picture of {answer}"]}))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def trained(scenes, tmp_path_factory):
     """4 steps on 2 ranks under ZeRO-3, evaluating vqa (exact) and loss every 2 steps, keeping the best."""
@@ -38,7 +49,8 @@ def trained(scenes, tmp_path_factory):
                       train={"max_steps": 4, "eval_every": 2, "save_every": 1, "keep_last": 1,
                              "keep_best": "vqa/accuracy"})
     check(run(["train", str(write_config(cfg, root / "cfg.yaml"))], timeout=600))
-    return {"run": root / "run", "root": root, "mcq": _mcq_file(scenes, root / "mcq.tsv")}
+    return {"run": root / "run", "root": root, "mcq": _mcq_file(scenes, root / "mcq.tsv"),
+            "caption": _caption_file(scenes, root / "captions.jsonl")}
 
 
 def test_eval_tasks_during_training_log_and_keep_the_best(trained, scenes):
@@ -68,23 +80,30 @@ def _eval(trained, out, task, data, nproc, *extra):
     return proc.stdout, rows, json.loads((out / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("task", ["vqa", "mcq"])
+_TASK_ARGS = {"vqa": ["--metric", "exact", "--prompt", "", "--max-samples", "33"], "mcq": ["--circular"],
+              "caption": ["--max-samples", "33", "--max-new-tokens", "6"],
+              "open": ["--max-samples", "33", "--max-new-tokens", "4"]}
+
+
+@pytest.mark.parametrize("task", list(_TASK_ARGS))
 def test_one_rank_and_two_sharded_ranks_agree(trained, scenes, task):
     """33 questions in batches of 5 on 2 ranks: the last batches are padded, yet every id is predicted once."""
-    data, extra = (scenes["val"], ["--metric", "exact", "--prompt", ""]) if task == "vqa" else (trained["mcq"], ["--circular"])
-    limit = ["--max-samples", "33"] if task == "vqa" else []
-    out1, rows1, m1 = _eval(trained, trained["root"] / f"{task}_w1", task, data, 1, *extra, *limit)
-    out2, rows2, m2 = _eval(trained, trained["root"] / f"{task}_w2", task, data, 2, "--zero", "3", *extra, *limit)
+    data = trained.get(task, scenes["val"])
+    out1, rows1, m1 = _eval(trained, trained["root"] / f"{task}_w1", task, data, 1, *_TASK_ARGS[task])
+    out2, rows2, m2 = _eval(trained, trained["root"] / f"{task}_w2", task, data, 2, "--zero", "3", *_TASK_ARGS[task])
     assert "ZeRO-3" in out2 and "2 rank(s)" in out2 and "1 rank(s)" in out1
     assert rows1 == rows2 and m1 == m2
     ids = [r["id"] for r in rows1]
     assert len(ids) == len(set(ids))
-    if task == "vqa":
-        assert len(ids) == 33 == m1["n"]
-    else:  # every colour question in its 3 rotations, scored as one
+    if task == "mcq":  # every colour question in its 3 rotations, scored as one
         questions = len(trained["mcq"].read_text().splitlines()) - 1
         assert len(ids) == 3 * questions and m1["n"] == questions
         assert all(r["references"][0] in "ABC" for r in rows1)
+    else:
+        assert len(ids) == 33 == m1["n"]
+    if task == "caption":  # the full metric set, on PTB tokens when Java is there
+        assert {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"} <= set(m1), m1
+        assert all(len(r["references"]) == 2 for r in rows1)
 
 
 def test_loss_task_is_the_same_on_one_and_two_ranks(trained, scenes):

@@ -26,6 +26,7 @@ from zerovl.data.collate import META_KEYS, pad_collate
 from zerovl.data.dataset import ChatDataset, build_dataset
 from zerovl.data.images import image_problem, load_image, load_image_bytes
 from zerovl.data.sampler import ResumableBatchSampler
+from zerovl.data.samples import Sample
 from zerovl.data.template import ChatTemplate
 from zerovl.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from zerovl.errors import DataError
@@ -87,11 +88,12 @@ def stack_vision(per_sample: list[dict[str, torch.Tensor]], device: torch.device
     return {k: torch.cat([d[k] for d in per_sample if k in d]).to(device) for k in keys}
 
 
-def item_vision(item: EvalItem, image_processor, max_pixels: int) -> dict[str, torch.Tensor]:
-    held = item.sample.meta.get("image_bytes")
-    source = item.sample.source
-    images = ([load_image_bytes(d, max_pixels, source, n) for d, n in zip(held, item.sample.images)] if held
-              else [load_image(p, max_pixels, source) for p in item.sample.images])
+def sample_vision(sample: Sample, image_processor, max_pixels: int) -> dict[str, torch.Tensor]:
+    """One sample's image tensors, from its paths or from the bytes it carries (``meta["image_bytes"]``:
+    base64 MCQ images, tar-shard members, images sent to the server)."""
+    held = sample.meta.get("image_bytes")
+    images = ([load_image_bytes(d, max_pixels, sample.source, n) for d, n in zip(held, sample.images)] if held
+              else [load_image(p, max_pixels, sample.source) for p in sample.images])
     return image_processor(images) if images else {}
 
 
@@ -107,7 +109,7 @@ def generate(ev: Evaluator, items: list[EvalItem], prompts: list[list[int]], max
              num_beams: int) -> list[str]:
     tok = ev.template.tokenizer
     ids, mask = left_pad(prompts, tok.pad_token_id)
-    vision = stack_vision([item_vision(it, ev.image_processor, ev.max_pixels) for it in items], ev.dist.device)
+    vision = stack_vision([sample_vision(it.sample, ev.image_processor, ev.max_pixels) for it in items], ev.dist.device)
     out = ev.module.generate(ids.to(ev.dist.device), mask.to(ev.dist.device), **vision,
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced_gpus=ev.synced)
@@ -166,7 +168,7 @@ def run_items(ev: Evaluator, settings: EvalTaskSettings, data: TaskData, batch_s
         fresh = [(i, a) for i, a in zip(good, answers) if i not in done and i in batch]
         predictions.extend(fresh)
         done.update(i for i, _ in fresh)
-        bar.update(len(fresh) * dist.world_size)  # the other ranks advance alike
+        bar.update(min(len(fresh) * dist.world_size, len(items) - bar.n))  # the other ranks advance alike
         bar.set_postfix(sps=f"{len(done) * dist.world_size / (time.perf_counter() - started):.1f}", refresh=False)
     bar.close()
     gathered = all_gather_objects((predictions, sorted(unreadable)))
