@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from zerovl.errors import ConfigError, ZeroVLError
 
@@ -116,6 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--circular", action="store_true", help="mcq: every rotation of the options must be right")
     p.add_argument("--zero", choices=("auto", "0", "3"), default="auto",
                    help="3: shard the model over the ranks (auto: as the run was trained)")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API (/v1/chat/completions) over a run, checkpoint "
+                       "or export")
+    p.add_argument("source", help="run directory, one of its checkpoints, or a `zerovl export` directory")
+    p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $ZEROVL_API_KEY, else none)")
+    p.add_argument("--model-name", help="the id /v1/models lists (default: SOURCE's folder name)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests generated together")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--image-root", help="allow local image paths, only under this folder")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=25_000_000)
+    p.add_argument("--max-body-mb", type=float, default=32.0)
+    p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=1024, help="the most a request may ask for")
+
+    p = sub.add_parser("webui", help="a web chat (Gradio) over a run, checkpoint or export, with the run's curves")
+    p.add_argument("source", help="run directory, one of its checkpoints, or a `zerovl export` directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-batch", type=int, default=8)
 
     p = sub.add_parser("model", help="inspect the model a config describes")
     model_sub = p.add_subparsers(dest="model_command", required=True)
@@ -229,6 +253,29 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from zerovl.serving.app import ServeSettings, serve
+    from zerovl.serving.media import MediaPolicy
+    from zerovl.serving.protocol import Limits
+
+    limits = Limits(max_images=args.max_images, max_tokens=args.max_tokens,
+                    default_max_tokens=min(256, args.max_tokens), max_prompt_tokens=args.max_prompt_tokens)
+    media = MediaPolicy(image_root=Path(args.image_root) if args.image_root else None,
+                        allow_remote=args.allow_remote_images, max_image_pixels=args.max_image_pixels)
+    settings = ServeSettings(api_key=args.api_key or os.environ.get("ZEROVL_API_KEY") or None,
+                             model_name=args.model_name, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                             limits=limits, media=media)
+    serve(args.source, args.host, args.port, args.max_batch, args.batch_wait_ms, settings)
+    return 0
+
+
+def _cmd_webui(args) -> int:
+    from zerovl.serving.webui import launch
+
+    launch(args.source, args.host, args.port, args.max_batch)
+    return 0
+
+
 def _cmd_model(args) -> int:
     from zerovl.config import load_config
     from zerovl.recipes.summary import model_summary
@@ -286,7 +333,8 @@ def _cmd_data(args) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "eval": _cmd_eval, "export": _cmd_export, "model": _cmd_model,
+COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "eval": _cmd_eval, "serve": _cmd_serve,
+            "webui": _cmd_webui, "export": _cmd_export, "model": _cmd_model,
             "plan": _cmd_plan, "bench": _cmd_bench, "report": _cmd_report, "data": _cmd_data}
 
 

@@ -25,6 +25,7 @@ SCRIPTS = {
     "skewed_vs_hf_trainer.py": (r"zerovl vs the better Trainer setting \(hf_\w+\): \d+\.\d\dx faster per epoch",
                                 "--work", True),
     "eval_throughput.py": (r"batched / one-at-a-time samples/s \(ratio of medians\): \d+\.\d\dx", "--work", True),
+    "serve_concurrency.py": (r"16 clients / 1 client requests/s \(ratio of medians\): \d+\.\d\dx", "--work", True),
 }
 # four fresh torchrun launches (one per contender, each rank's peak memory its own) take about 2 min here
 TIMEOUT_S = {"skewed_vs_hf_trainer.py": 600}
