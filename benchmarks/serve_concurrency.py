@@ -6,7 +6,7 @@
 trains a tiny run for a few steps instead. One ``zerovl serve SOURCE --max-batch N`` process serves
 every measurement on a loopback port. Each client is a thread that sends its next request as soon
 as its last reply arrived: a demo val question with its image as a ``data:`` URL, greedy,
-``max_tokens`` 12, no streaming. For each client count, every round sends ``--requests-per-client``
+``max_tokens`` 12, no streaming, on one kept-alive HTTP connection per client. For each client count, every round sends ``--requests-per-client``
 requests per client (at least ``--min-requests`` in all) after a warm-up; the order of the client
 counts alternates every round. Figures: requests/s = requests / wall time of the round; p50 / p95 =
 per-request latency from send to the last byte; requests per batch = the server's own count of
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import signal
@@ -43,9 +44,10 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--data", help="questions (default: SOURCE/data/val.jsonl, as `zerovl demo` writes it)")
     p.add_argument("--work", default="runs/bench_serve", help="the server log and result.json go here")
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="zerovl serve's --batch-wait-ms")
     p.add_argument("--max-tokens", type=int, default=12)
-    p.add_argument("--requests-per-client", type=int, default=12)
-    p.add_argument("--min-requests", type=int, default=64, help="per client count and round")
+    p.add_argument("--requests-per-client", type=int, default=32)
+    p.add_argument("--min-requests", type=int, default=128, help="per client count and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help=_common.SMOKE_HELP)
     args = p.parse_args()
@@ -83,7 +85,7 @@ def start_server(source: Path, work: Path, args: argparse.Namespace) -> tuple[su
     port = _free_port()
     log = open(work / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "zerovl", "serve", str(source), "--port", str(port),
-                             "--max-batch", str(args.max_batch)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                             "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -105,14 +107,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url: str, body: dict) -> float:
+def _post(conn: http.client.HTTPConnection, body: dict) -> float:
+    """One request on the client's kept-alive connection (as the openai client does); its latency."""
     started = time.perf_counter()
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        reply = json.load(response)
-    if reply["choices"][0]["finish_reason"] not in ("stop", "length"):
-        raise RuntimeError(f"unexpected reply {reply}")
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    reply = json.loads(response.read())
+    if response.status != 200 or reply["choices"][0]["finish_reason"] not in ("stop", "length"):
+        raise RuntimeError(f"unexpected reply {response.status}: {reply}")
     return time.perf_counter() - started
 
 
@@ -128,13 +130,15 @@ def measure(url: str, bodies: list[dict], clients: int, total: int, max_tokens: 
     lock = threading.Lock()
 
     def client() -> None:
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=300)
         while True:
             with lock:
                 i = next(counter, None)
             if i is None:
+                conn.close()
                 return
             try:
-                latencies.append(_post(url, {**bodies[i % len(bodies)], "max_tokens": max_tokens}))
+                latencies.append(_post(conn, {**bodies[i % len(bodies)], "max_tokens": max_tokens}))
             except BaseException as e:  # counted, reported
                 errors.append(e)
 
@@ -185,7 +189,7 @@ def main() -> None:
            for c, rs in results.items()}
     failures = sum(r["failures"] for rs in results.values() for r in rs)
     print(f"\n{source.name}: {len(bodies)} distinct questions, max_tokens {args.max_tokens}, --max-batch "
-          f"{args.max_batch}, {args.rounds} round(s), medians")
+          f"{args.max_batch}, --batch-wait-ms {args.batch_wait_ms:g}, {args.rounds} round(s), medians")
     print(f"{'clients':>7} {'requests/s':>11} {'p50 ms':>8} {'p95 ms':>8} {'requests/batch':>15}")
     for c in CLIENTS:
         m = med[c]
