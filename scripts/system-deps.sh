@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the test suite uses, installed when missing (the README's test command runs this):
-#   chromium + chromium-driver  the web chat's browser test (tests/serving/test_webui.py)
 #   a Java runtime              pycocoevalcap's PTB tokenizer and METEOR (caption metrics)
 # Without apt-get (not Debian, not root) it says so in one line and the tests that need them skip.
 set -uo pipefail
 need=()
-command -v chromium >/dev/null 2>&1 || need+=(chromium)
-command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
