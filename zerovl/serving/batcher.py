@@ -40,7 +40,7 @@ class Batcher:
         self._queue.put(None)
         self._thread.join(timeout=60)
 
-    def _collect(self, first: tuple[Row, Done]) -> list[tuple[Row, Done]] | None:
+    def _collect(self, first: tuple[Row, Done]) -> list[tuple[Row, Done]]:
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
