@@ -61,6 +61,7 @@ EXAMPLES = {
     "eval": "zerovl eval runs/demo --task vqa --data vqav2_questions.json --annotations vqav2_annotations.json\n"
             "           torchrun --nproc_per_node 8 -m zerovl eval RUN --task caption --data captions_val2017.json",
     "serve": "zerovl serve runs/demo --max-batch 16 --api-key KEY  (OpenAI-compatible API on 127.0.0.1:8000/v1)",
+    "webui": "zerovl webui runs/demo  (a browser chat with image upload, and the run's curves, on 127.0.0.1:7860)",
     "model": "zerovl model summary configs/demo.yaml  (parts, parameters, trainable, dtype)",
     "export": "zerovl export runs/demo exported/demo  (HF safetensors directories)",
     "plan": "zerovl plan configs/llava.yaml --gpus 8 --gpu-mem 80GB  (memory per GPU for each ZeRO option)",
@@ -135,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=32.0)
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=1024, help="the most a request may ask for")
+
+    p = sub.add_parser("webui", help="a Gradio chat in the browser (image upload, streamed replies) and the "
+                       "run's training curves")
+    p.add_argument("source", help="run directory, one of its checkpoints, or a `zerovl export` directory")
+    p.add_argument("--host", default="127.0.0.1", help="default: loopback only (the page has no login)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-batch", type=int, default=8, help="browser turns generated together")
 
     p = sub.add_parser("model", help="inspect the model a config describes")
     model_sub = p.add_subparsers(dest="model_command", required=True)
@@ -264,6 +272,13 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_webui(args) -> int:
+    from zerovl.serving.webui import launch
+
+    launch(args.source, args.host, args.port, args.max_batch)
+    return 0
+
+
 def _cmd_model(args) -> int:
     from zerovl.config import load_config
     from zerovl.recipes.summary import model_summary
@@ -322,7 +337,7 @@ def _cmd_data(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "chat": _cmd_chat, "eval": _cmd_eval, "serve": _cmd_serve,
-            "export": _cmd_export, "model": _cmd_model,
+            "webui": _cmd_webui, "export": _cmd_export, "model": _cmd_model,
             "plan": _cmd_plan, "bench": _cmd_bench, "report": _cmd_report, "data": _cmd_data}
 
 
