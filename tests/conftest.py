@@ -60,3 +60,16 @@ def write_config(cfg: dict, path: Path) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def qwen1_dir(scenes, tmp_path_factory) -> Path:
+    """A tiny Qwen-7B-Chat-style directory with its own model and tokenizer code (tests/remote_code.py),
+    its vocabulary covering the scenes' words."""
+    import json
+
+    from tests.remote_code import write_qwen1_dir
+
+    texts = [m["content"] for split in ("train", "val") for line in scenes[split].read_text().splitlines()
+             for m in json.loads(line)["messages"]]
+    return write_qwen1_dir(tmp_path_factory.mktemp("qwen1") / "Qwen-7B-Chat", texts)

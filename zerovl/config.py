@@ -79,6 +79,8 @@ class LLMSettings(_Strict):
     lr: float | None = Field(None, gt=0)
     lora: LoraSettings = LoraSettings()
     gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(False, description="run the Python code the directory ships (auto_map: "
+                                    "Qwen-7B-Chat, ChatGLM3); only for directories you trust")
 
 
 class NativeSettings(_Strict):
@@ -111,11 +113,24 @@ class ModelSettings(_Strict):
     connector: ConnectorSettings = ConnectorSettings()
     llm: LLMSettings = LLMSettings()
     tokenizer: str | None = Field(None, description="tokenizer directory; defaults to llm.path (or native.path)")
-    image_token: str = "<image>"
+    tokenizer_trust_remote_code: bool | None = Field(
+        None, description="run the tokenizer directory's own code (QWenTokenizer, ChatGLMTokenizer); unset = as "
+        "model.llm when the tokenizer is model.llm's directory, else false")
+    image_token: str = Field("<image>", description="added to the tokenizer; one that cannot add tokens "
+                             "(tiktoken) lends a reserved special token instead, e.g. Qwen's <|extra_0|>")
 
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or (self.native.path if self.native is not None else self.llm.path)
+
+    @property
+    def tokenizer_trusts_code(self) -> bool:
+        if self.tokenizer_trust_remote_code is not None:
+            return self.tokenizer_trust_remote_code
+        part = self.native if self.native is not None else self.llm
+        if self.tokenizer is not None and os.path.normpath(self.tokenizer) != os.path.normpath(part.path or ""):
+            return False  # another directory: its code is trusted only when said so
+        return getattr(part, "trust_remote_code", False)  # native models are transformers' own classes
 
     @property
     def has_vision(self) -> bool:

@@ -235,3 +235,22 @@ def test_nothing_after_end_of_turn_is_supervised(tokenizer_dirs, case):
     enc = BuiltModel(None, tok, None, 4, "<image>").template().encode(Sample(messages=CHAT, images=[], source="t:1"))
     supervised = [tok.decode(enc.input_ids[a:b]) for a, b in _supervised_runs(enc.labels)]
     assert supervised == [m["content"] + "<|im_end|>" for m in CHAT if m["role"] == "assistant"], supervised
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_labels_without_offsets_equal_the_offset_path(tokenizer_dirs, case):
+    """The slow-tokenizer path (text cut at each reply, tokenized piece by piece; zerovl/data/template.py)
+    run on a real fast tokenizer gives the offset path's ids and labels exactly: plain, with a system
+    prompt, and with composed image tokens."""
+    from zerovl.data.template import ChatTemplate
+
+    tok = _tokenizer(tokenizer_dirs, case)
+    images = [{"role": "user", "content": "<image>\nWhat is shown?"}, {"role": "assistant", "content": "A cat."},
+              {"role": "user", "content": "And here?<image>"}, {"role": "assistant", "content": "A dog on a sofa."}]
+    for system in (None, "You answer in one short line."):
+        for chat, pictures in ((CHAT, []), (images, ["a.jpg", "b.jpg"])):
+            sample = Sample(messages=chat, images=pictures, source="t:1")
+            by_offsets, by_pieces = (ChatTemplate(tok, "<image>", 5, system, pieces=p) for p in (False, True))
+            a, b = by_offsets.encode(sample), by_pieces.encode(sample)
+            assert (b.input_ids, b.labels) == (a.input_ids, a.labels)
+            assert by_pieces.encode_prompt(sample) == by_offsets.encode_prompt(sample)

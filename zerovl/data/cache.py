@@ -85,6 +85,8 @@ def fingerprint(template: ChatTemplate, data: DataSettings, tokenizer_dir: str) 
         "image_token": template.image_token,
         "tokens_per_image": template.image_token_spec,
         "system_prompt": template.system_prompt,
+        "labels_by": "pieces" if template.pieces else "offsets",
+        "closing_eos": template.closing_eos,
         "max_length": data.max_length,
         "too_long": data.too_long,
         "skip_bad_samples": data.skip_bad_samples,

@@ -5,8 +5,10 @@ get ChatML. Each ``<image>`` tag becomes that image's number of image tokens —
 for composed models, or computed from the image size for dynamic-resolution native models (Qwen2-VL,
 whose tokens are also wrapped in vision start/end tokens) — which the model later overwrites with
 image features. Labels are ``-100`` everywhere except on the
-assistant replies (content and end-of-turn token), found by rendering conversation prefixes and
-mapping their character spans onto tokens through the fast tokenizer's offsets.
+assistant replies (content and end-of-turn token), found by rendering conversation prefixes. A fast
+tokenizer maps those character spans onto tokens through its offsets; a slow one (Qwen-7B-Chat's
+tiktoken ``QWenTokenizer``, ChatGLM3's sentencepiece tokenizer) has none, so the text is cut at the
+span boundaries and tokenized piece by piece, as those models' own chat code builds its input.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Tokenizers without a chat template whose models expect a system turn when none is given: Qwen-7B-Chat's
+# make_context (qwen_generation_utils.py) always writes this one, in ChatML.
+DEFAULT_SYSTEM = {"QWenTokenizer": "You are a helpful assistant."}
 
 
 @dataclass
@@ -48,19 +53,35 @@ class ChatTemplate:
     ``image_text``: the text one image becomes, given its token count (default: the image token repeated)."""
 
     def __init__(self, tokenizer, image_token: str, tokens_per_image: int | Callable[[str], int],
-                 system_prompt: str | None = None, image_text: Callable[[int], str] | None = None):
-        if not getattr(tokenizer, "is_fast", False):
-            raise ConfigError("model.tokenizer must be a fast (Rust) tokenizer: label masking needs offsets")
+                 system_prompt: str | None = None, image_text: Callable[[int], str] | None = None,
+                 pieces: bool | None = None):
+        """``pieces``: tokenize turn by turn instead of through offsets (default: when the tokenizer is slow)."""
         self.tokenizer = tokenizer
+        self.pieces = not getattr(tokenizer, "is_fast", False) if pieces is None else pieces
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+        if (self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id) and tokens_per_image != 0:
             raise ConfigError(f"model.image_token {image_token!r} is not a token of the tokenizer")
         self.tokens_per_image = tokens_per_image
         self.image_text = image_text or (lambda count: image_token * count)
         self._image_span_ids = set(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(self.image_text(1))))
+        if system_prompt is None:
+            system_prompt = DEFAULT_SYSTEM.get(type(tokenizer).__name__) if not tokenizer.chat_template else None
         self.system_prompt = system_prompt
         self.chat_template = None if tokenizer.chat_template else CHATML_TEMPLATE
+        self.closing_eos = self._needs_closing_eos()
+
+    def _needs_closing_eos(self) -> bool:
+        """True for templates that write nothing after an assistant reply (ChatGLM3's): a model trained
+        on them would never learn to stop, so the conversation's last reply gets the EOS token, as
+        ChatGLM3's own fine-tuning code appends it."""
+        eos = self.tokenizer.eos_token
+        if eos is None:
+            return False
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}]
+        rendered = self.render(probe)
+        after = rendered[rendered.rindex("REPLY") + len("REPLY"):].strip()
+        return not after
 
     # -- rendering -----------------------------------------------------------------------------
     @property
@@ -132,13 +153,12 @@ class ChatTemplate:
         return spans
 
     # -- encoding ------------------------------------------------------------------------------
-    def encode(self, sample: Sample, max_length: int | None = None) -> Encoded:
-        """Token ids and labels for training. Raises TooLong if max_length would cut an image."""
-        msgs, image_tokens = self._messages(sample)
-        full = self.render(msgs)
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _by_offsets(self, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        spans = self._assistant_spans(msgs, full)
         labels = [IGNORE_INDEX] * len(ids)
         span_i = 0
         for t, (start, end) in enumerate(offsets):
@@ -146,6 +166,27 @@ class ChatTemplate:
                 span_i += 1
             if span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1] and end > start:
                 labels[t] = ids[t]
+        return ids, labels
+
+    def _by_pieces(self, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """The text cut at every reply's start and end, each piece tokenized alone: no offsets needed."""
+        ids, labels, cursor = [], [], 0
+        for start, end in spans:
+            before, reply = self._ids(full[cursor:start]), self._ids(full[start:end])
+            ids += before + reply
+            labels += [IGNORE_INDEX] * len(before) + reply
+            cursor = end
+        rest = self._ids(full[cursor:])
+        return ids + rest, labels + [IGNORE_INDEX] * len(rest)
+
+    def encode(self, sample: Sample, max_length: int | None = None) -> Encoded:
+        """Token ids and labels for training. Raises TooLong if max_length would cut an image."""
+        msgs, image_tokens = self._messages(sample)
+        full = self.render(msgs)
+        spans = self._assistant_spans(msgs, full)
+        ids, labels = (self._by_pieces if self.pieces else self._by_offsets)(full, spans)
+        if self.closing_eos and spans:
+            ids, labels = ids + [self.tokenizer.eos_token_id], labels + [self.tokenizer.eos_token_id]
         self._check_image_tokens(ids, image_tokens, len(sample.images), sample.source)
         if max_length is not None and len(ids) > max_length:
             image_positions = [i for i, t in enumerate(ids) if t in self._image_span_ids]
@@ -162,7 +203,10 @@ class ChatTemplate:
         if msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
         text = self.render(msgs, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.pieces:  # cut where training cut, so earlier replies tokenize as they were trained
+            ids = self._by_pieces(text, self._assistant_spans(msgs, text))[0]
+        else:
+            ids = self._ids(text)
         self._check_image_tokens(ids, image_tokens, len(sample.images), sample.source)
         return ids
 

@@ -351,17 +351,13 @@ def _translate_scheduler(r: _Resolver) -> None:
 def model_hidden_size(model: ModelSettings) -> int | None:
     """The LLM's width as HF Trainer reads it (hidden_size, else max(hidden_sizes), also under text_config);
     None when the config cannot be read here (the model builder then reports the problem)."""
-    from transformers import AutoConfig
+    from zerovl.models.pretrained import part_config
 
-    part = model.native if model.native is not None else model.llm
+    native = model.native is not None
     try:
-        if part.path is not None:
-            config = AutoConfig.from_pretrained(part.path)
-        else:
-            inline = dict(part.config)
-            config = AutoConfig.for_model(inline.pop("model_type", "qwen2_vl" if part is model.native else None),
-                                          **inline)
-    except (OSError, ValueError, KeyError, TypeError):
+        config = part_config(model.native if native else model.llm, "model.native" if native else "model.llm",
+                             "qwen2_vl" if native else None)
+    except (ConfigError, OSError, ValueError, KeyError, TypeError):
         return None
     for c in (config, getattr(config, "text_config", None)):
         if getattr(c, "hidden_size", None):

@@ -459,20 +459,12 @@ def largest_layer_params(module: Any) -> int:
 
 
 def _meta_llm(settings: Any) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if settings.path is not None:
-        try:
-            cfg = AutoConfig.from_pretrained(settings.path)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"model.llm.path: cannot read a config.json in {settings.path} ({e})") from None
-    else:
-        inline = dict(settings.config)
-        model_type = inline.pop("model_type", None)
-        if model_type is None:
-            raise ConfigError("model.llm.config needs a model_type, e.g. qwen2")
-        cfg = AutoConfig.for_model(model_type, **inline)
-    return AutoModelForCausalLM.from_config(cfg)
+    from zerovl.models.pretrained import part_config
+
+    trust = settings.path is not None and settings.trust_remote_code
+    return AutoModelForCausalLM.from_config(part_config(settings, "model.llm"), trust_remote_code=trust)
 
 
 def _connector_elements(settings: Any, connector: Any, vision_dim: int, vision_tokens: int, llm_dim: int) -> int:

@@ -16,6 +16,7 @@ from zerovl.config import LoraSettings, ModelSettings
 from zerovl.errors import ConfigError
 from zerovl.models.connectors import build_connector, projection
 from zerovl.models.native import IMAGE_PAD, VISION_END, VISION_START, NativeVLM, build_native, image_text
+from zerovl.models.pretrained import causal_lm_class, from_pretrained, part_config
 from zerovl.models.vision import build_vision
 from zerovl.models.vlm import ComposedVLM
 from zerovl.models.weights import to_dtype
@@ -57,42 +58,71 @@ def load_tokenizer(settings: ModelSettings):
     path = settings.tokenizer_path
     try:
         loader = PreTrainedTokenizerFast if _declared_generic(path) else AutoTokenizer
-        tokenizer = loader.from_pretrained(path)
+        inherited = settings.tokenizer_trust_remote_code is None and settings.tokenizer is None
+        switch = "model.llm.trust_remote_code" if inherited else "model.tokenizer_trust_remote_code"
+        tokenizer = from_pretrained(loader, path, "model.tokenizer", settings.tokenizer_trusts_code, switch=switch)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path} ({e.__class__.__name__})") from None
     needed = [VISION_START, IMAGE_PAD, VISION_END] if settings.native is not None else [settings.image_token]
-    missing = [t for t in needed if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    missing = [t for t in needed if not _known(tokenizer, t)]
     if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
+        try:
+            tokenizer.add_tokens(missing, special_tokens=True)
+        except (ValueError, NotImplementedError):  # tiktoken-based (QWenTokenizer): a fixed vocabulary
+            if settings.native is not None:
+                raise ConfigError(f"model.tokenizer: {path} cannot add the tokens {missing} the native model "
+                                  "needs") from None
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.eos_token is None and _known(tokenizer, "<|endoftext|>"):  # Qwen-7B-Chat declares none
+            tokenizer.pad_token = "<|endoftext|>"
+            if _known(tokenizer, "<|im_end|>"):
+                tokenizer.eos_token = "<|im_end|>"  # its chat turns end there; generation stops there
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _known(tokenizer, token: str) -> bool:
+    try:
+        return tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
+    except KeyError:
+        return False
+
+
+RESERVED = [f"<|extra_{i}|>" for i in range(205)] + [f"<|reserved_special_token_{i}|>" for i in range(256)]
+
+
+def image_token(tokenizer, settings: ModelSettings) -> str:
+    """The token images stand in for: ``model.image_token`` when the tokenizer has it (``load_tokenizer``
+    adds it where it can), else the first reserved special token the vocabulary already has (Qwen-7B-Chat's
+    ``<|extra_0|>``, as MiniGPT4Qwen uses). Its embedding row is never read: every occurrence is replaced
+    by image features before the LLM sees it."""
+    if settings.native is not None:
+        return IMAGE_PAD
+    if _known(tokenizer, settings.image_token):
+        return settings.image_token
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    for token in RESERVED:
+        if _known(tokenizer, token) and token not in template:
+            log.info("model.image_token %s cannot be added to this tokenizer; images use its reserved %s",
+                     settings.image_token, token)
+            return token
+    raise ConfigError(f"model.image_token: {settings.image_token!r} is not a token of {settings.tokenizer_path} and "
+                      "it cannot add tokens; set model.image_token to an unused special token it has")
 
 
 def import_model_classes(settings: ModelSettings) -> None:
     """Import the modeling modules a config needs. deepspeed.zero.Init patches tensor construction,
     and importing a transformers modeling module inside it fails; so ZeRO-3 builds call this first."""
-    from transformers import AutoConfig, Blip2QFormerModel  # noqa: F401
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import Blip2QFormerModel  # noqa: F401
 
     if settings.native is not None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-        native = settings.native
-        if native.path is not None:
-            config = AutoConfig.from_pretrained(native.path)
-        else:
-            inline = dict(native.config)
-            config = AutoConfig.for_model(inline.pop("model_type", "qwen2_vl"), **inline)
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(part_config(settings.native, "model.native", "qwen2_vl"))]
         return
     llm = settings.llm
-    if llm.path is not None:
-        config = AutoConfig.from_pretrained(llm.path)
-    else:
-        inline = dict(llm.config)
-        config = AutoConfig.for_model(inline.pop("model_type"), **inline)
-    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    causal_lm_class(part_config(llm, "model.llm"), llm.path, llm.trust_remote_code)
     if settings.vision is not None:
         from zerovl.models.vision import tower_classes, vision_config_from
 
@@ -100,18 +130,15 @@ def import_model_classes(settings: ModelSettings) -> None:
 
 
 def build_llm(settings, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if settings.path is not None:
         try:
-            return AutoModelForCausalLM.from_pretrained(settings.path, dtype=dtype)
+            return from_pretrained(AutoModelForCausalLM, settings.path, "model.llm", settings.trust_remote_code,
+                                   dtype=dtype)
         except OSError as e:
             raise ConfigError(f"model.llm.path: cannot load {settings.path} ({e})") from None
-    inline = dict(settings.config)
-    model_type = inline.pop("model_type", None)
-    if model_type is None:
-        raise ConfigError("model.llm.config needs a model_type, e.g. qwen2")
-    cfg = AutoConfig.for_model(model_type, **inline)
+    cfg = part_config(settings, "model.llm")
     return to_dtype(AutoModelForCausalLM.from_config(cfg, dtype=dtype), dtype)
 
 
@@ -131,9 +158,10 @@ def build_model(settings: ModelSettings, precision: str = "fp32", data_max_pixel
         connector = to_dtype(build_connector(
             settings.connector, vision.hidden_size, llm.get_input_embeddings().embedding_dim, vision.num_tokens
         ), dtype)
+    token = image_token(tokenizer, settings)
     model = ComposedVLM(
         llm=llm,
-        image_token_id=tokenizer.convert_tokens_to_ids(settings.image_token),
+        image_token_id=tokenizer.convert_tokens_to_ids(token),
         vision=vision,
         connector=connector,
         vision_trainable=settings.vision is not None and settings.vision.mode != "frozen",
@@ -141,7 +169,7 @@ def build_model(settings: ModelSettings, precision: str = "fp32", data_max_pixel
         connector_projection_only=settings.connector.mode == "projection",
     )
     apply_training_modes(model, settings)
-    return BuiltModel(model, tokenizer, processor, model.tokens_per_image, settings.image_token)
+    return BuiltModel(model, tokenizer, processor, model.tokens_per_image, token)
 
 
 def _lora(module: nn.Module, lora: LoraSettings, causal_lm: bool) -> nn.Module:
@@ -225,28 +253,22 @@ def text_side(settings: ModelSettings, data_max_pixels: int = 1024 * 1024):
     needs — without loading weights (composed towers are built on the meta device)."""
     tokenizer = load_tokenizer(settings)
     if settings.native is not None:
-        from transformers import AutoConfig
-
         from zerovl.models.native import native_resolution
 
         native = settings.native
-        if native.path is not None:
-            vcfg = AutoConfig.from_pretrained(native.path).vision_config
-        else:
-            inline = dict(native.config)
-            vcfg = AutoConfig.for_model(inline.pop("model_type", "qwen2_vl"), **inline).vision_config
+        vcfg = part_config(native, "model.native", "qwen2_vl").vision_config
         tokens, origin = native_resolution(native, vcfg, data_max_pixels)
         log.info("native image processor: %s", origin)
         return tokenizer, tokens, IMAGE_PAD, image_text
     if settings.vision is None:
-        return tokenizer, 0, settings.image_token, None
+        return tokenizer, 0, image_token(tokenizer, settings), None
     if settings.connector.type == "qformer":
         count = settings.connector.num_query_tokens
         if settings.connector.path is not None:
             from transformers import Blip2Config
 
             count = Blip2Config.from_pretrained(settings.connector.path).num_query_tokens
-        return tokenizer, count, settings.image_token, None
+        return tokenizer, count, image_token(tokenizer, settings), None
     from zerovl.models.vision import VisionTower, resolve_drop_cls, tower_classes, vision_config_from
 
     vcfg = vision_config_from(settings.vision.path, settings.vision.config)
@@ -254,7 +276,7 @@ def text_side(settings: ModelSettings, data_max_pixels: int = 1024 * 1024):
         encoder = tower_classes(vcfg.model_type)[0](vcfg)
     tower = VisionTower(encoder, settings.vision.feature_layer, resolve_drop_cls(settings.vision.drop_cls,
                                                                                  settings.connector.type, vcfg))
-    return tokenizer, tower.num_tokens, settings.image_token, None
+    return tokenizer, tower.num_tokens, image_token(tokenizer, settings), None
 
 
 def named_parts(model: ComposedVLM | NativeVLM) -> dict[str, list[tuple[str, nn.Parameter]]]:

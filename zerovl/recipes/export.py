@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from zerovl.engine.restore import CONNECTOR_FILE, EXPORT_MANIFEST, load_trained
+from zerovl.models.pretrained import copy_code_files
 
 log = logging.getLogger("zerovl.export")
 
@@ -69,8 +70,15 @@ def _export_composed(cfg, built, out: Path, adapter: bool) -> dict[str, Any]:
         llm = _unwrap_lora(llm, merge=True)
     llm.save_pretrained(out / "llm", safe_serialization=True)
     built.tokenizer.save_pretrained(out / "llm")
-    settings["llm"] = {"path": "llm", "mode": "full"}
+    trusts = cfg.model.llm.path is not None and cfg.model.llm.trust_remote_code
+    settings["llm"] = {"path": "llm", "mode": "full", "trust_remote_code": trusts}
     settings["tokenizer"] = "llm"
+    settings["tokenizer_trust_remote_code"] = cfg.model.tokenizer_trusts_code
+    for source, trusted in ((cfg.model.llm.path, trusts), (cfg.model.tokenizer_path, cfg.model.tokenizer_trusts_code)):
+        if trusted:  # the directory's own code travels with it: the export loads as the original did
+            copied = copy_code_files(source, out / "llm")
+            if copied:
+                log.info("copied %s from %s into the export", ", ".join(copied), source)
 
     if model.vision is not None:
         encoder = _unwrap_lora(model.vision.encoder, merge=True)
