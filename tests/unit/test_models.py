@@ -166,13 +166,14 @@ def test_unsupported_vision_type_is_a_config_error(scenes):
         build_model(_settings(scenes, {"config": {"model_type": "vit"}}))
 
 
-@pytest.mark.parametrize("name", ["demo", "minigpt4qwen", "llava", "qwen2vl", "text_sft"])
+@pytest.mark.parametrize("name", ["demo", "minigpt4qwen", "llava", "qwen2vl", "text_sft", "minigpt4qwen_qwen1",
+                                  "chatglm3_lora"])
 def test_shipped_configs_validate(name):
     from tests.conftest import REPO
     from zerovl.config import load_config
 
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
-    assert cfg.model.has_vision == (name != "text_sft")
+    assert cfg.model.has_vision == (name not in ("text_sft", "chatglm3_lora"))
 
 
 def test_model_summary_matches_the_built_model(scenes, tmp_path):

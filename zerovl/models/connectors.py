@@ -68,7 +68,10 @@ class QFormerConnector(nn.Module):
         if path is not None:  # BLIP-2's own Q-Former configuration and query count
             from transformers import Blip2Config
 
-            blip2 = Blip2Config.from_pretrained(path)
+            try:
+                blip2 = Blip2Config.from_pretrained(path)
+            except OSError as e:
+                raise ConfigError(f"model.connector.path: cannot read a BLIP-2 config.json in {path} ({e})") from None
             cfg, num_query_tokens = blip2.qformer_config, blip2.num_query_tokens
             if cfg.encoder_hidden_size != vision_dim:
                 raise ConfigError(f"model.connector.path {path}: its Q-Former expects {cfg.encoder_hidden_size}-d "
