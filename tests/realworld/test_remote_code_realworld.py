@@ -66,3 +66,25 @@ def test_the_real_qwen_7b_chat_tokenizer_config_with_its_code_stand_in(tmp_path)
     template = BuiltModel(None, tok, None, 0, "<image>").template()
     text = tok.decode(template.encode(Sample(messages=CHAT, images=[], source="t:1")).input_ids)
     assert text.startswith("<|im_start|> system\nyou are a helpful assistant . <|im_end|>")
+
+
+def test_the_planner_counts_qwen_7b_chat_from_its_real_config(tmp_path):
+    """The real Qwen-7B-Chat config.json (auto_map, model_type qwen) with the stand-in code beside it: the
+    planner builds it on the meta device through trust_remote_code and counts Qwen-1's 7.72B (its
+    c_attn / c_proj / w1 / w2 shapes are Qwen-1's; the stand-in adds a 512 x 4096 position table)."""
+    from tests.realworld.conftest import MODEL_CONFIGS
+    from tests.remote_code import CONFIGURATION, MODELING
+    from zerovl.engine.planner import count_model
+
+    directory = tmp_path / "Qwen-7B-Chat"
+    directory.mkdir()
+    shutil.copyfile(MODEL_CONFIGS / "qwen-7b-chat.config.json", directory / "config.json")
+    (directory / "configuration_qwen.py").write_text(CONFIGURATION)
+    (directory / "modeling_qwen.py").write_text(MODELING)
+    settings = ModelSettings.model_validate({"llm": {"path": str(directory), "trust_remote_code": True,
+                                                     "mode": "lora", "lora": {"target_modules": ["c_attn"]}}})
+    llm = count_model(settings).parts["llm"]
+    assert 7.70e9 < llm.frozen < 7.74e9
+    assert llm.trainable == 32 * 8 * (4096 + 3 * 4096)  # LoRA r 8 on each layer's c_attn
+    with pytest.raises(ConfigError, match="set model.llm.trust_remote_code=true"):
+        count_model(settings.model_copy(update={"llm": settings.llm.model_copy(update={"trust_remote_code": False})}))

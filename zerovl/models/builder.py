@@ -61,7 +61,7 @@ def load_tokenizer(settings: ModelSettings):
         inherited = settings.tokenizer_trust_remote_code is None and settings.tokenizer is None
         switch = "model.llm.trust_remote_code" if inherited else "model.tokenizer_trust_remote_code"
         tokenizer = from_pretrained(loader, path, "model.tokenizer", settings.tokenizer_trusts_code, switch=switch)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError, AttributeError) as e:  # AttributeError: an auto_map to missing code
         raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path} ({e.__class__.__name__})") from None
     needed = [VISION_START, IMAGE_PAD, VISION_END] if settings.native is not None else [settings.image_token]
     missing = [t for t in needed if not _known(tokenizer, t)]
