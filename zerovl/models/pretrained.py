@@ -59,9 +59,7 @@ def part_config(part: Any, key: str, default_model_type: str | None = None) -> A
     if part.path is not None:
         try:
             return from_pretrained(AutoConfig, part.path, key, getattr(part, "trust_remote_code", False))
-        except (OSError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
+        except (OSError, ValueError) as e:  # a refusal is already a ConfigError, which passes through
             raise ConfigError(f"{key}.path: cannot read a config.json in {part.path} ({e})") from None
     inline = dict(part.config)
     model_type = inline.pop("model_type", default_model_type)
