@@ -188,13 +188,16 @@ def run_hf(cfg, strategy: str, batch: int) -> dict:
             "tokens": int(totals[1]), "padded_tokens": int(totals[2])}
 
 
-def run_zerovl(cfg) -> dict:
-    """zerovl's recipe for one epoch; figures from its metrics.jsonl (rank 0)."""
+def run_zerovl(cfg, is_main: bool) -> dict:
+    """zerovl's recipe for one epoch; figures from its metrics.jsonl, on rank 0, which writes that file
+    (another rank could read it before rank 0's last lines are there)."""
     from zerovl.engine.metrics import read_metrics
     from zerovl.recipes import train as recipe
 
     recipe.shutdown = lambda: None  # the peak-memory gather below still needs the process group
     recipe.train(cfg)
+    if not is_main:
+        return {}
     records = read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")
     start = next(r["time"] for r in records if r.get("event") == "model_loaded")
     steps = [r for r in records if r.get("split") == "train"]
@@ -213,7 +216,7 @@ def on_rank(args, data: Path) -> None:
     run_dir = work / "runs" / f"{args.contender}_{args.round}"
     if args.contender == "zerovl":
         rows = json.loads((work / "rows.json").read_text())["rows"]
-        figures = run_zerovl(config(work, data, run_dir, args.overrides, packed=True, rows=rows))
+        figures = run_zerovl(config(work, data, run_dir, args.overrides, packed=True, rows=rows), dist.is_main)
         figures["rows_per_micro_batch"] = rows
     else:
         figures = run_hf(config(work, data, run_dir, args.overrides, packed=False, rows=args.batch),
