@@ -1,5 +1,5 @@
-"""Real 2-rank runs with and without data.feature_cache give the same losses, on ZeRO-2 and ZeRO-3, for a
-MiniGPT4Qwen-shaped model (frozen vision + frozen Q-Former, projection trained, LLM LoRA) and a
+"""Real 2-rank runs with and without data.feature_cache give the same losses, on ZeRO-3 for a
+MiniGPT4Qwen-shaped model (frozen vision + frozen Q-Former, projection trained, LLM LoRA) and on ZeRO-2 for a
 frozen-vision MLP model, on batches where one rank is text-only while the other has images."""
 
 import pytest
@@ -32,8 +32,9 @@ def _config(tmp_path, scenes, mixed_data, preset, connector, feature_cache=None)
     return write_config(cfg, tmp_path / "cfg.yaml")
 
 
-@pytest.mark.parametrize("preset", ["zero2", "zero3"])
-@pytest.mark.parametrize("connector", list(CONNECTORS))
+# two of the four pairs, each connector once and each stage once (the suite's time budget): the Q-Former
+# pair under ZeRO-3 is the hard one (gathered hashes and queries), the MLP pair under ZeRO-2 the common one
+@pytest.mark.parametrize("connector, preset", [("minigpt4qwen", "zero3"), ("mlp", "zero2")])
 def test_same_losses_with_and_without_the_feature_cache(tmp_path, scenes, mixed_data, preset, connector):
     (tmp_path / "pixels").mkdir()
     (tmp_path / "cached").mkdir()
