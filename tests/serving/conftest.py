@@ -4,7 +4,15 @@ and a run trained for a few steps by ``zerovl train`` for the server started as 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +70,32 @@ def trained_run(scenes, tmp_path_factory):
     cfg["model"]["llm"]["config"]["tie_word_embeddings"] = False
     check(run(["train", str(write_config(cfg, root / "cfg.yaml"))], nproc=1, timeout=300))
     return root / "run"
+
+
+@contextlib.contextmanager
+def running(args: list[str], log_path: Path, probe_url: str):
+    """``zerovl ARGS`` in its own process group, its output in ``log_path``; yields (process, log file) once
+    ``probe_url`` answers, and stops the whole group afterwards."""
+    from tests.distributed.helpers import REPO
+
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "zerovl", *args], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=REPO, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(probe_url, timeout=5)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"zerovl {args[0]} did not come up:\n{log.read()[-3000:]}")
+                time.sleep(0.5)
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        log.close()

@@ -9,11 +9,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,8 +19,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.distributed.helpers import REPO, free_port
-from tests.serving.conftest import png_data_url
+from tests.distributed.helpers import free_port
+from tests.serving.conftest import png_data_url, running
 
 openai = pytest.importorskip("openai", reason="the openai client is in zerovl[dev]")
 pytest.importorskip("fastapi", reason="zerovl[serve] not installed")
@@ -36,26 +33,11 @@ def server(trained_run, scenes, tmp_path_factory):
     root = tmp_path_factory.mktemp("image_root")
     shutil.copy(next((scenes["train"].parent / "images").glob("*.png")), root / "shape.png")
     port = free_port()
-    cmd = [sys.executable, "-m", "zerovl", "serve", str(trained_run), "--port", str(port), "--api-key", KEY,
-           "--image-root", str(root), "--max-batch", "16", "--max-tokens", "64"]
-    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    args = ["serve", str(trained_run), "--port", str(port), "--api-key", KEY, "--image-root", str(root),
+            "--max-batch", "16", "--max-tokens", "64"]
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"zerovl serve did not come up:\n{log.read()[-3000:]}")
-            time.sleep(0.5)
-    yield {"url": url, "proc": proc, "root": root, "log": log}
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    log.close()
+    with running(args, tmp_path_factory.mktemp("log") / "serve.log", url + "/health") as (proc, log):
+        yield {"url": url, "proc": proc, "root": root, "log": log}
 
 
 @pytest.fixture(scope="module")

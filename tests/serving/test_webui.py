@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.distributed.helpers import REPO, free_port
+from tests.distributed.helpers import free_port
+from tests.serving.conftest import running
 
 gr = pytest.importorskip("gradio", reason="zerovl[webui] not installed")
 pytest.importorskip("selenium", reason="selenium is in zerovl[dev]")
@@ -107,25 +103,10 @@ def test_curves_plot_a_run_and_explain_an_export(trained_run, tmp_path):
 def webui(trained_run, tmp_path_factory):
     """``zerovl webui RUN`` in its own process group, up once its page answers."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("log") / "webui.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "zerovl", "webui", str(trained_run), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    log = tmp_path_factory.mktemp("log") / "webui.log"
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"zerovl webui did not come up:\n{log.read()[-3000:]}")
-            time.sleep(0.5)
-    yield url, Path(log.name)
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    log.close()
+    with running(["webui", str(trained_run), "--port", str(port)], log, url):
+        yield url, log
 
 
 @pytest.fixture
