@@ -269,18 +269,15 @@ def native_resolution(native, vcfg, data_max_pixels: int) -> tuple[DynamicResolu
 
 def build_native(settings, tokenizer, dtype: torch.dtype, data_max_pixels: int):
     """(NativeVLM, NativeImageProcessor, DynamicResolution) for model.native."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
+    from zerovl.models.pretrained import part_config
     from zerovl.models.weights import to_dtype
 
     native = settings.native
-    if native.path is not None:
-        if not os.path.isdir(native.path):
-            raise ConfigError(f"model.native.path {native.path} is not a directory")
-        config = AutoConfig.from_pretrained(native.path)
-    else:
-        inline = dict(native.config)
-        config = AutoConfig.for_model(inline.pop("model_type", "qwen2_vl"), **inline)
+    if native.path is not None and not os.path.isdir(native.path):
+        raise ConfigError(f"model.native.path {native.path} is not a directory")
+    config = part_config(native, "model.native", "qwen2_vl")
     if config.model_type not in SUPPORTED:
         raise ConfigError(f"model.native: model_type '{config.model_type}' is not supported ({', '.join(SUPPORTED)})")
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in

@@ -17,17 +17,13 @@ def part_counts(cfg: Config) -> dict[str, tuple[int, int]]:
 
         shape = count_model(cfg.model)
         return {name: (p.trainable + p.frozen, p.trainable) for name, p in shape.parts.items()}
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     from zerovl.models.builder import apply_native_training_modes, load_tokenizer, named_parts
     from zerovl.models.native import NativeVLM
+    from zerovl.models.pretrained import part_config
 
-    native = cfg.model.native
-    if native.path is not None:
-        config = AutoConfig.from_pretrained(native.path)
-    else:
-        inline = dict(native.config)
-        config = AutoConfig.for_model(inline.pop("model_type", "qwen2_vl"), **inline)
+    config = part_config(cfg.model.native, "model.native", "qwen2_vl")
     tokenizer = load_tokenizer(cfg.model)
     with torch.device("meta"):
         hf = AutoModelForImageTextToText.from_config(config)
