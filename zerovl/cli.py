@@ -101,11 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("question", nargs="?", help="omit for an interactive session")
 
-    p = sub.add_parser("eval", help="score a run, checkpoint or export on VQA, captioning, multiple choice "
-                       "or loss (run under torchrun for several ranks)")
+    p = sub.add_parser("eval", help="score a run, checkpoint or export on VQA, captioning, multiple choice, "
+                       "image-text retrieval or loss (run under torchrun for several ranks)")
     p.add_argument("source", help="run directory, one of its checkpoints, or a `zerovl export` directory")
-    p.add_argument("--task", required=True, choices=("vqa", "caption", "mcq", "loss", "open"))
-    p.add_argument("--data", required=True, help="questions / captions / TSV / JSONL file")
+    p.add_argument("--task", required=True, choices=("vqa", "caption", "mcq", "loss", "open", "retrieval"))
+    p.add_argument("--data", required=True, help="questions / captions / TSV / JSONL file; retrieval: COCO captions, "
+                   "Karpathy-split JSON or image,caption CSV")
+    p.add_argument("--split", help="retrieval: the split of a Karpathy dataset_*.json (default test)")
+    p.add_argument("--rerank-k", type=int, help="retrieval: ITC candidates per query re-ranked by ITM (default 128; "
+                   "0 = ITC only)")
     p.add_argument("--annotations", help="vqa: the VQAv2 annotations JSON beside --data")
     p.add_argument("--image-root", help="image paths are relative to this (default: the data file's folder)")
     p.add_argument("--out", help="where metrics.json and predictions.jsonl go (default: SOURCE/eval/TASK)")
@@ -249,7 +253,8 @@ def _cmd_eval(args) -> int:
     from zerovl.config import EvalTaskSettings
     from zerovl.recipes.evaluate import eval_command
 
-    fields = ("task", "data", "annotations", "image_root", "name", "metric", "prompt", "circular")
+    fields = ("task", "data", "annotations", "image_root", "name", "metric", "prompt", "circular", "split",
+              "rerank_k")
     settings = EvalTaskSettings(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
     eval_command(args.source, settings, args.out, args.batch_size, args.max_new_tokens, args.num_beams,
                  args.max_samples, args.zero)

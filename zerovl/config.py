@@ -59,9 +59,11 @@ class ConnectorSettings(_Strict):
     mlp_depth: int = Field(2, ge=1)
     num_query_tokens: int = Field(32, gt=0)
     qformer: dict[str, Any] = Field(default_factory=dict)
-    mode: Literal["frozen", "full", "projection"] = Field(
-        "full", description="projection: only the final projection into the LLM trains (MiniGPT4Qwen)")
+    mode: Literal["frozen", "full", "projection", "lora"] = Field(
+        "full", description="projection: only the final projection into the LLM trains (MiniGPT4Qwen); "
+        "lora (model.retrieval only): LoRA on the Q-Former, its heads fully trained")
     lr: float | None = Field(None, gt=0)
+    lora: LoraSettings = LoraSettings()
 
     @model_validator(mode="after")
     def _path_needs_qformer(self) -> ConnectorSettings:
@@ -101,6 +103,31 @@ class NativeSettings(_Strict):
         return self
 
 
+class RetrievalSettings(_Strict):
+    """BLIP-2 image-text matching (stage 1): vision tower, Q-Former with its text side, ITC projections
+    and temperature, ITM head — a transformers ``Blip2ForImageTextRetrieval`` directory or an inline
+    ``Blip2Config`` (random init). model.vision / model.connector then only set the per-part training
+    mode, lr and LoRA: vision = the tower, connector = the Q-Former, its queries and heads."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    image_processor: dict[str, Any] | None = Field(None, description="inline config: BlipImageProcessor options "
+                                                   "(default: resize to the tower's image_size)")
+    itc_weight: float = Field(1.0, ge=0, description="image-text contrastive loss weight")
+    itm_weight: float = Field(1.0, ge=0, description="image-text matching loss weight (hard negatives from ITC)")
+    itg_weight: float = Field(0.0, ge=0, description="image-grounded text generation through the Q-Former "
+                              "(a causal text head BLIP-2 adds); 0 = off")
+    temperature: float = Field(0.07, gt=0, description="initial ITC temperature (learned, kept in [0.001, 0.5])")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="ITC cross-entropy label smoothing (BLIP-2: 0.1)")
+    max_text_length: int = Field(32, gt=1, description="caption tokens (BLIP-2 max_txt_len: 32)")
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> RetrievalSettings:
+        if self.itc_weight + self.itm_weight + self.itg_weight == 0:
+            raise ValueError("itc_weight, itm_weight and itg_weight are all 0: nothing to train")
+        return self
+
+
 def _one_source(part: str, settings: Any) -> None:
     if (settings.path is None) == (settings.config is None):
         raise ValueError(f"model.{part}: give exactly one of path (a local HF directory) or config "
@@ -109,6 +136,7 @@ def _one_source(part: str, settings: Any) -> None:
 
 class ModelSettings(_Strict):
     native: NativeSettings | None = None
+    retrieval: RetrievalSettings | None = None
     vision: VisionSettings | None = None
     connector: ConnectorSettings = ConnectorSettings()
     llm: LLMSettings = LLMSettings()
@@ -121,12 +149,18 @@ class ModelSettings(_Strict):
 
     @property
     def tokenizer_path(self) -> str:
-        return self.tokenizer or (self.native.path if self.native is not None else self.llm.path)
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.retrieval is not None:
+            return self.retrieval.path
+        return self.native.path if self.native is not None else self.llm.path
 
     @property
     def tokenizer_trusts_code(self) -> bool:
         if self.tokenizer_trust_remote_code is not None:
             return self.tokenizer_trust_remote_code
+        if self.retrieval is not None:
+            return False  # BLIP-2 ships BERT's tokenizer, transformers' own class
         part = self.native if self.native is not None else self.llm
         if self.tokenizer is not None and os.path.normpath(self.tokenizer) != os.path.normpath(part.path or ""):
             return False  # another directory: its code is trusted only when said so
@@ -134,10 +168,31 @@ class ModelSettings(_Strict):
 
     @property
     def has_vision(self) -> bool:
-        return self.vision is not None or self.native is not None
+        return self.vision is not None or self.native is not None or self.retrieval is not None
 
     @model_validator(mode="after")
     def _sources(self) -> ModelSettings:
+        if self.connector.mode == "lora" and self.retrieval is None:
+            raise ValueError("model.connector.mode=lora applies to model.retrieval's Q-Former; composed models "
+                             "train their connector full, frozen or projection-only")
+        if self.retrieval is not None:
+            if self.native is not None:
+                raise ValueError("model.retrieval and model.native are two model kinds: give one")
+            _one_source("retrieval", self.retrieval)
+            for part in ("vision", "llm"):
+                settings = getattr(self, part)
+                if settings is not None and (settings.path or settings.config):
+                    raise ValueError(f"model.{part}.path/config: with model.retrieval the parts come from the "
+                                     f"BLIP-2 model; model.{part} only sets mode, lr and lora"
+                                     if part == "vision" else "model.llm: a retrieval model has no LLM; remove "
+                                     "model.llm")
+            if self.connector.path is not None or self.connector.mode == "projection":
+                raise ValueError("model.connector: with model.retrieval it is the BLIP-2 Q-Former; only mode "
+                                 "(frozen, full, lora), lr and lora apply")
+            if self.tokenizer is None and self.retrieval.path is None:
+                raise ValueError("model.tokenizer is required when the retrieval model is built from an inline "
+                                 "config (a BERT-style tokenizer directory)")
+            return self
         if self.native is not None:
             _one_source("native", self.native)
             for part in ("vision", "llm"):
@@ -159,7 +214,7 @@ class ModelSettings(_Strict):
 
 
 DataFormat = Literal["auto", "messages", "llava", "sharegpt", "alpaca", "swift", "minigpt4qwen", "captions", "coco",
-                     "csv", "tsv", "webdataset", "dataset_info"]
+                     "karpathy", "csv", "tsv", "webdataset", "dataset_info"]
 SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 
 
@@ -180,6 +235,8 @@ class ReaderOptions(_Strict):
     image_column: str = Field("image", description="csv/tsv: column with the image path (or a JSON list of paths)")
     text_column: str = Field("text", description="csv/tsv: column with the target text (the assistant reply)")
     prompt_column: str | None = Field(None, description="csv/tsv: column with the user prompt; default: caption_prompts")
+    split: str | None = Field(None, description="karpathy: the split of dataset_coco.json / dataset_flickr30k.json "
+                              "to read (train also takes restval); default: every image")
 
     @field_validator("image_root")
     @classmethod
@@ -344,15 +401,18 @@ class TrainSettings(_Strict):
         return self
 
 
-EVAL_TASKS = ("vqa", "caption", "mcq", "loss", "open")
+EVAL_TASKS = ("vqa", "caption", "mcq", "loss", "open", "retrieval")
 
 
 class EvalTaskSettings(_Strict):
     """One benchmark run at ``train.eval_every`` (and by ``zerovl eval`` with the same options)."""
 
-    task: Literal["vqa", "caption", "mcq", "loss", "open"]
+    task: Literal["vqa", "caption", "mcq", "loss", "open", "retrieval"]
     data: str = Field(description="the task's file: VQAv2 questions JSON, COCO captions JSON, MMBench TSV, "
-                      "or JSON/JSONL")
+                      "Karpathy-split JSON, image-caption CSV, or JSON/JSONL")
+    split: str | None = Field(None, description="retrieval: the split of a Karpathy dataset_*.json (default test)")
+    rerank_k: int = Field(128, ge=0, description="retrieval: candidates per query re-ranked by the ITM head "
+                          "(LAVIS k_test); 0 = ITC similarity only")
     annotations: str | None = Field(None, description="VQAv2 layout: the annotations JSON beside the questions")
     image_root: str | None = None
     name: str | None = Field(None, description="logged as val/<name>/<metric>; defaults to the task")
@@ -395,6 +455,23 @@ class Config(_Strict):
     eval: EvalSettings = EvalSettings()
 
     @model_validator(mode="after")
+    def _retrieval_training(self) -> Config:
+        """Image-text matching has no supervised tokens: each micro-batch's loss is its own mean."""
+        if self.model.retrieval is None:
+            return self
+        if "loss_normalization" in self.train.model_fields_set and self.train.loss_normalization == "tokens":
+            raise ValueError("train.loss_normalization=tokens: model.retrieval has no supervised tokens; use samples")
+        self.train.loss_normalization = "samples"
+        d = self.data
+        for key in ("packing", "balance", "cache_dir", "feature_cache"):
+            if getattr(d, key):
+                raise ValueError(f"data.{key}: not used by model.retrieval (image-caption pairs); unset it")
+        if any(s.format == "webdataset" for s in d.train_datasets()):
+            raise ValueError("model.retrieval reads map-style image-caption files (coco, karpathy, csv, captions), "
+                             "not webdataset shards")
+        return self
+
+    @model_validator(mode="after")
     def _keep_best_names_a_task(self) -> Config:
         best = self.train.keep_best
         if best is None:
@@ -422,6 +499,7 @@ _PATH_FIELDS = (
     ("model", "vision", "path"),
     ("model", "connector", "path"),
     ("model", "native", "path"),
+    ("model", "retrieval", "path"),
     ("model", "llm", "path"),
     ("model", "tokenizer"),
     ("data", "train"),

@@ -191,3 +191,43 @@ def build_tokenizer(out_dir: str | Path, words: list[str]) -> Path:
     out = Path(out_dir)
     fast.save_pretrained(out)
     return out
+
+
+def placed_caption(scene: list[Shape]) -> str:
+    return " and ".join(f"a {o.name} {WHERE[o.slot]}" for o in scene)
+
+
+def generate_pairs(out_dir: str | Path, num_train_images: int = 400, num_val_images: int = 64, image_size: int = 32,
+                   seed: int = 0) -> dict[str, Path]:
+    """Image-caption pairs for retrieval models: ``train.json`` and ``val.json`` in the COCO captions layout
+    (two captions per image: the shapes in order, and the shapes with their places), the images, and a
+    WordPiece (BERT-style) ``tokenizer/`` covering every word."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths: dict[str, Path] = {}
+    for split, count in (("train", num_train_images), ("val", num_val_images)):
+        images, annotations = [], []
+        for i in range(count):
+            scene = random_scene(rng)
+            rel = f"images/{split}_{i:05d}.png"
+            draw_scene(scene, image_size, rng).save(out / rel)
+            images.append({"id": i, "file_name": rel})
+            for text in (caption(scene), placed_caption(scene)):
+                annotations.append({"id": len(annotations), "image_id": i, "caption": text})
+        paths[split] = out / f"{split}.json"
+        paths[split].write_text(json.dumps({"images": images, "annotations": annotations}))
+    words = sorted(set(vocabulary_words()) | {"and", "the"})
+    paths["tokenizer"] = build_wordpiece_tokenizer(out / "tokenizer", words)
+    return paths
+
+
+def build_wordpiece_tokenizer(out_dir: str | Path, words: list[str]) -> Path:
+    """BERT's tokenizer class over a small vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK] + words), as BLIP-2's
+    Q-Former uses BERT's; saved with ``save_pretrained``."""
+    from transformers import BertTokenizer  # transformers 5: the fast (tokenizers) class under this name
+
+    out = Path(out_dir)
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(out)
+    return out

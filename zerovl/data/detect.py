@@ -31,6 +31,7 @@ FORMATS = {
     "minigpt4qwen": "image, instruction, output",
     "captions": "image | image_path + caption | captions | text | prompt",
     "coco": "images + annotations",
+    "karpathy": "images: [{filename, sentences, split}] (Karpathy's dataset_coco.json / dataset_flickr30k.json)",
     "csv": "a table with image and text columns (or alpaca / swift columns)",
     "tsv": "the same, tab-separated",
     "webdataset": "tar shards",
@@ -92,6 +93,9 @@ def _document(document: Any) -> str | None:
     if isinstance(document, dict):
         if isinstance(document.get("images"), list) and isinstance(document.get("annotations"), list):
             return "coco"
+        images = document.get("images")
+        if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
+            return "karpathy"
         if is_dataset_info(document):
             return "dataset_info"
         values = list(document.values())
@@ -143,7 +147,7 @@ def _detect(path: str, key: str | None, image_column: str, text_column: str,
         if found == "dataset_info":
             raise DataError(f"{path} is a LLaMA-Factory {INFO_FILE}: name the datasets to train after '#', as in "
                             f"{path}#{next(iter(records[0][1]))} (entries: {', '.join(list(records[0][1])[:12])})")
-        if found is not None and (found == "coco" or not one_line):
+        if found is not None and (found in ("coco", "karpathy") or not one_line):
             return Detection(found, f"a JSON object with {_keys(records[0][1])}")
         if not one_line:
             raise DataError(f"{path}: cannot tell the format: one JSON object with {_keys(records[0][1])}; "

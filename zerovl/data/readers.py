@@ -578,6 +578,49 @@ def read_coco(spec: DatasetSpec, report: ReadReport) -> Iterator[Sample]:
             report.bad(e)
 
 
+@reader("karpathy")
+def read_karpathy(spec: DatasetSpec, report: ReadReport) -> Iterator[Sample]:
+    """Karpathy's split files (``dataset_coco.json``, ``dataset_flickr30k.json``): ``images`` with
+    ``filepath``/``filename``, ``sentences[].raw`` and ``split``; one captioning sample per sentence.
+    ``split`` picks one split (``train`` also takes ``restval``, as BLIP and LAVIS train on both)."""
+    text = read_text(spec.path, report.key)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{spec.path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{spec.path}: a Karpathy split file needs a top-level 'images' list")
+    wanted = {spec.split, "restval"} if spec.split == "train" else {spec.split}
+    splits = sorted({str(im.get("split")) for im in data["images"] if isinstance(im, dict)})
+    if spec.split is not None and not wanted & set(splits):
+        raise DataError(f"{spec.path}: no image in split {spec.split!r} (splits: {', '.join(splits)}); set split")
+    root = image_root(spec)
+    for i, image in enumerate(data["images"]):
+        source = f"{spec.path}:images[{i}]"
+        try:
+            image = _object(image, source)
+            if spec.split is not None and image.get("split") not in wanted:
+                continue
+            name = image.get("filename")
+            if not isinstance(name, str):
+                raise RecordError(f"{source}: no filename")
+            rel = os.path.join(image["filepath"], name) if isinstance(image.get("filepath"), str) else name
+            images = resolve_image_paths(rel, root, source)
+            sentences = [s.get("raw") if isinstance(s, dict) else s for s in image.get("sentences") or []]
+            if not sentences:
+                raise RecordError(f"{source}: no sentences")
+            key = str(image.get("cocoid", image.get("imgid", i)))
+        except DataError as e:
+            report.bad(e)
+            continue
+        for k, sentence in enumerate(sentences):
+            try:
+                yield caption_sample(pick_prompt(spec.caption_prompts, f"{key}|{k}"), sentence, images, source,
+                                     {"image_id": key, "split": image.get("split")})
+            except DataError as e:
+                report.bad(e)
+
+
 def _cell_images(value: str | None, root: ImageResolver, source: str) -> list[str]:
     value = (value or "").strip()
     if not value:
@@ -593,6 +636,8 @@ def _cell_images(value: str | None, root: ImageResolver, source: str) -> list[st
 def _read_table(spec: DatasetSpec, report: ReadReport, delimiter: str) -> Iterator[Sample]:
     root = image_root(spec)
     columns, rows = table_rows(spec.path, delimiter, key=report.key)
+    if spec.text_column == "text" and "text" not in columns and "caption" in columns:
+        spec = spec.model_copy(update={"text_column": "caption"})  # image,caption pairs (retrieval CSVs)
     wanted = {"image_column": spec.image_column, "text_column": spec.text_column,
               "prompt_column": spec.prompt_column}
     for option, column in wanted.items():

@@ -90,6 +90,7 @@ TASKS: dict[str, Task] = {
     "caption": Task(readers.read_caption, score_caption, 32, ("coco",), "CIDEr"),
     "mcq": Task(readers.read_mcq, score_mcq, 16, ("exact",), "accuracy"),
     "loss": Task(None, None, 0, ("loss",), "loss"),
+    "retrieval": Task(None, None, 0, ("recall",), "r_mean"),  # scored in recipes/retrieval_eval.py
 }
 
 

@@ -36,7 +36,11 @@ class BuiltModel:
     image_text: Callable[[int], str] | None = None  # the text one image becomes (default: the token repeated)
 
     def template(self, system_prompt: str | None = None):
+        """The chat template; None for a retrieval model (captions, no chat)."""
         from zerovl.data.template import ChatTemplate
+
+        if getattr(self.model, "kind", None) == "retrieval":
+            return None
 
         return ChatTemplate(self.tokenizer, self.image_token, self.tokens_per_image, system_prompt, self.image_text)
 
@@ -64,6 +68,8 @@ def load_tokenizer(settings: ModelSettings):
     except (OSError, ValueError, ImportError, AttributeError) as e:  # AttributeError: an auto_map to missing code
         raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path} ({e.__class__.__name__})") from None
     needed = [VISION_START, IMAGE_PAD, VISION_END] if settings.native is not None else [settings.image_token]
+    if settings.retrieval is not None:
+        needed = []  # captions only: the Q-Former's vocabulary stays as trained
     missing = [t for t in needed if not _known(tokenizer, t)]
     if missing:
         try:
@@ -116,6 +122,8 @@ def import_model_classes(settings: ModelSettings) -> None:
     and importing a transformers modeling module inside it fails; so ZeRO-3 builds call this first."""
     from transformers import Blip2QFormerModel  # noqa: F401
 
+    if settings.retrieval is not None:
+        return  # Blip2ForImageTextRetrieval lives beside Blip2QFormerModel, imported above
     if settings.native is not None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
@@ -145,6 +153,12 @@ def build_llm(settings, dtype: torch.dtype) -> nn.Module:
 def build_model(settings: ModelSettings, precision: str = "fp32", data_max_pixels: int = 1024 * 1024) -> BuiltModel:
     dtype = DTYPES[precision]
     tokenizer = load_tokenizer(settings)
+    if settings.retrieval is not None:
+        from zerovl.models.retrieval import build_retrieval
+
+        model, processor = build_retrieval(settings, tokenizer, dtype)
+        apply_retrieval_training_modes(model, settings)
+        return BuiltModel(model, tokenizer, processor, model.tokens_per_image, "")
     if settings.native is not None:
         model, processor, tokens = build_native(settings, tokenizer, dtype, data_max_pixels)
         apply_native_training_modes(model, settings)
@@ -207,6 +221,32 @@ def apply_training_modes(model: ComposedVLM, settings: ModelSettings) -> None:
         model.connector.requires_grad_(settings.connector.mode == "full")
         if settings.connector.mode == "projection":
             projection(model.connector).requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("every part is frozen: set model.<part>.mode to full or lora for something to train")
+
+
+def apply_retrieval_training_modes(model, settings: ModelSettings) -> None:
+    """vision = the tower (frozen unless model.vision says otherwise, as BLIP-2 stage 1); connector = the
+    Q-Former and its heads: full, frozen, or lora (adapters on the Q-Former, queries/projections/ITM head/
+    temperature fully trained, text embeddings frozen)."""
+    hf = model.hf
+    vision = settings.vision
+    vision_mode = vision.mode if vision is not None else "frozen"
+    if vision is not None and vision.gradient_checkpointing:
+        _enable_checkpointing(hf.vision_model, "vision")
+    hf.vision_model.requires_grad_(vision_mode == "full")
+    if vision_mode == "lora":
+        hf.vision_model = _lora(hf.vision_model, vision.lora, causal_lm=False)
+    mode = settings.connector.mode
+    for name, p in model.named_parameters():
+        if not name.startswith("hf.vision_model."):
+            p.requires_grad_(mode == "full")
+    if mode == "lora":
+        hf.qformer = _lora(hf.qformer, settings.connector.lora, causal_lm=False)
+        heads = [hf.query_tokens, model.temp, *hf.vision_projection.parameters(), *hf.text_projection.parameters(),
+                 *hf.itm_head.parameters(), *(model.itg_head.parameters() if model.itg_head is not None else [])]
+        for p in heads:
+            p.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("every part is frozen: set model.<part>.mode to full or lora for something to train")
 
@@ -283,5 +323,9 @@ def named_parts(model: ComposedVLM | NativeVLM) -> dict[str, list[tuple[str, nn.
     """Parameters by part (vision, connector, llm) — what per-part learning rates and reports address."""
     if isinstance(model, NativeVLM):
         return model.parts()
+    if getattr(model, "kind", None) == "retrieval":
+        from zerovl.models.retrieval import retrieval_parts
+
+        return retrieval_parts(model)
     parts = {"vision": model.vision, "connector": model.connector, "llm": model.llm}
     return {k: list(v.named_parameters()) for k, v in parts.items() if v is not None}

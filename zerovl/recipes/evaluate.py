@@ -29,7 +29,7 @@ from zerovl.data.sampler import ResumableBatchSampler
 from zerovl.data.samples import Sample
 from zerovl.data.template import ChatTemplate
 from zerovl.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum
-from zerovl.errors import DataError
+from zerovl.errors import ConfigError, DataError
 from zerovl.eval.items import EvalItem, TaskData
 from zerovl.eval.tasks import task_for
 
@@ -48,6 +48,8 @@ class Evaluator:
     data: DataSettings  # how the loss task reads training-format files
     dist: DistInfo
     synced: bool  # ZeRO-3 on several ranks: generate in lockstep (transformers' synced_gpus)
+    tokenizer: Any = None  # retrieval models have no chat template: captions are tokenized directly
+    text_length: int = 32  # retrieval: caption tokens (model.retrieval.max_text_length)
 
 
 @dataclass
@@ -138,6 +140,13 @@ def run_task(ev: Evaluator, settings: EvalTaskSettings, batch_size: int, max_new
     max_samples = settings.max_samples or max_samples
     if settings.task == "loss":
         return run_loss(ev, settings, batch_size, max_samples)
+    if settings.task == "retrieval":
+        from zerovl.recipes.retrieval_eval import run_retrieval
+
+        return run_retrieval(ev, settings, batch_size, max_samples, progress)
+    if ev.template is None:
+        raise ConfigError(f"eval task {settings.label}: {settings.task} generates text; a retrieval model "
+                          "(model.retrieval) is scored with task: retrieval")
     return run_items(ev, settings, task.read(settings), batch_size, max_new_tokens, num_beams, max_samples,
                      progress)
 
@@ -287,7 +296,7 @@ def safe_name(label: str) -> str:
 
 
 def evaluate(engine, val_set: ChatDataset | None, template: ChatTemplate, cfg, dist: DistInfo, collate,
-             image_processor, out_dir: Path | None = None, step: int | None = None) -> dict[str, Any]:
+             image_processor, out_dir: Path | None = None, step: int | None = None, tokenizer=None) -> dict[str, Any]:
     """Val loss, the ``eval.exact_match`` shorthand and every ``eval.tasks`` entry, as ``zerovl eval``
     computes them; returns flat figures (``val/<task>/<metric>``) and writes each task's predictions."""
     from zerovl.eval.items import items_from_samples
@@ -295,7 +304,9 @@ def evaluate(engine, val_set: ChatDataset | None, template: ChatTemplate, cfg, d
     engine.eval()
     e = cfg.eval
     ev = Evaluator(engine, engine.module, template, image_processor, cfg.data.max_pixels, cfg.data, dist,
-                   synced=engine.zero_optimization_stage() == 3 and dist.world_size > 1)
+                   synced=engine.zero_optimization_stage() == 3 and dist.world_size > 1,
+                   tokenizer=tokenizer if tokenizer is not None else getattr(template, "tokenizer", None),
+                   **retrieval_text(cfg.model))
     result: dict[str, Any] = {}
     if val_set is not None:
         total, count = dataset_loss(engine, val_set, collate, dist, e.batch_size)
@@ -306,12 +317,26 @@ def evaluate(engine, val_set: ChatDataset | None, template: ChatTemplate, cfg, d
                                 e.max_new_tokens or 16, e.num_beams, e.max_samples, progress=False).metrics
             result.update(exact_match=metrics["accuracy"], exact_match_n=metrics["n"],
                           exact_match_by_type=metrics.get("by_type", {}))
-    for task in e.tasks:
+    for task in eval_tasks(cfg):
         done = run_task(ev, task, e.batch_size, e.max_new_tokens or 0, e.num_beams, e.max_samples, progress=False)
         if dist.is_main and out_dir is not None:
             write_outputs(done, out_dir / "eval" / f"step_{step}" / safe_name(task.label), task)
         result.update({f"val/{task.label}/{k}": v for k, v in flat_metrics(done.metrics).items()})
     return result
+
+
+def eval_tasks(cfg) -> list[EvalTaskSettings]:
+    """``eval.tasks``, and for a retrieval model its ``data.val`` as a retrieval task (it has no val loss)."""
+    tasks = list(cfg.eval.tasks)
+    if cfg.model.retrieval is not None and cfg.data.val and not any(t.data == cfg.data.val for t in tasks):
+        name = "retrieval" if all(t.label != "retrieval" for t in tasks) else "val_retrieval"
+        tasks.append(EvalTaskSettings(task="retrieval", data=cfg.data.val, name=name))
+    return tasks
+
+
+def retrieval_text(model) -> dict[str, Any]:
+    """Evaluator fields a retrieval model needs (its tokenizer comes with the built model)."""
+    return {"text_length": model.retrieval.max_text_length} if model.retrieval is not None else {}
 
 
 # ---- `zerovl eval` ---------------------------------------------------------------------------------
@@ -361,7 +386,7 @@ def load_evaluator(source: str | Path, dist: DistInfo, zero: str = "auto") -> Ev
         built = full_model()
         built.model.to(dist.device)
         return Evaluator(built.model, built.model, built.template(system), built.image_processor, data.max_pixels,
-                         data, dist, synced=False)
+                         data, dist, synced=False, tokenizer=built.tokenizer, **retrieval_text(settings))
     import deepspeed
 
     from zerovl.engine.zero3 import load_partitioned, zero3_construction
@@ -377,7 +402,7 @@ def load_evaluator(source: str | Path, dist: DistInfo, zero: str = "auto") -> Ev
     engine, *_ = deepspeed.initialize(model=built.model, config=ds_config)
     engine.eval()
     return Evaluator(engine, engine.module, built.template(system), built.image_processor, data.max_pixels, data,
-                     dist, synced=True)
+                     dist, synced=True, tokenizer=built.tokenizer, **retrieval_text(settings))
 
 
 def default_out(source: str | Path, label: str) -> Path:

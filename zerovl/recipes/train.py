@@ -23,6 +23,7 @@ from zerovl import __version__
 from zerovl.config import Config, save_config
 from zerovl.data.collate import META_KEYS, pad_collate
 from zerovl.data.dataset import build_dataset
+from zerovl.data.pairs import build_pair_data, pair_collate
 from zerovl.data.pipeline import build_train_data
 from zerovl.engine import checkpoint
 from zerovl.engine.distributed import DistInfo, all_gather_floats, init_distributed, shutdown
@@ -43,7 +44,7 @@ from zerovl.engine.telemetry import (
 from zerovl.engine.zero3 import zero3_construction
 from zerovl.models.builder import build_model, import_model_classes, named_parts
 from zerovl.recipes.demo import require_demo_data
-from zerovl.recipes.evaluate import evaluate
+from zerovl.recipes.evaluate import eval_tasks, evaluate
 from zerovl.recipes.features import check_cacheable, use_feature_cache
 
 log = logging.getLogger("zerovl.train")
@@ -98,12 +99,18 @@ def train(cfg: Config) -> dict[str, Any]:
     built.model.loss_chunk_tokens = cfg.train.loss_chunk_tokens  # the LM loss in chunks (models/loss.py)
     param_bytes = parameter_bytes(built.model)
     template = built.template(cfg.data.system_prompt)
-    val_set = (build_dataset(cfg.data.val, cfg.data, template, built.image_processor, "data.val")
-               if cfg.data.val else None)
-    collate = partial(pad_collate, pad_token_id=built.tokenizer.pad_token_id)
-    train_data = build_train_data(cfg.data, template, built.image_processor, collate, cfg.train.micro_batch_size,
-                                  cfg.train.gradient_accumulation_steps, dist.rank, dist.world_size, cfg.train.seed,
-                                  tokenizer_dir=cfg.model.tokenizer_path)
+    if cfg.model.retrieval is not None:  # image-caption pairs, no chat; data.val is scored as retrieval
+        val_set, collate = None, pair_collate
+        train_data = build_pair_data(cfg.data, built.tokenizer, built.image_processor,
+                                     cfg.model.retrieval.max_text_length, cfg.train.micro_batch_size,
+                                     cfg.train.gradient_accumulation_steps, dist.rank, dist.world_size, cfg.train.seed)
+    else:
+        val_set = (build_dataset(cfg.data.val, cfg.data, template, built.image_processor, "data.val")
+                   if cfg.data.val else None)
+        collate = partial(pad_collate, pad_token_id=built.tokenizer.pad_token_id)
+        train_data = build_train_data(cfg.data, template, built.image_processor, collate,
+                                      cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, dist.rank,
+                                      dist.world_size, cfg.train.seed, tokenizer_dir=cfg.model.tokenizer_path)
     train_set, sampler, stream = train_data.dataset, train_data.sampler, train_data.stream
 
     accum = cfg.train.gradient_accumulation_steps
@@ -157,7 +164,8 @@ def train(cfg: Config) -> dict[str, Any]:
     best = checkpoint.Best.load(out, cfg.train.keep_best)
 
     def run_eval(at_step: int) -> dict[str, Any]:
-        result = evaluate(engine, val_set, template, cfg, dist, collate, built.image_processor, out, at_step)
+        result = evaluate(engine, val_set, template, cfg, dist, collate, built.image_processor, out, at_step,
+                          tokenizer=built.tokenizer)
         metrics.write({"split": "val", "step": at_step, **result})
         if best.improved_by(result):  # the same figures on every rank: all save together
             if last_saved != at_step:
@@ -184,7 +192,7 @@ def train(cfg: Config) -> dict[str, Any]:
     keep_norm = engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
     own_norm = None
     by_tokens = cfg.train.loss_normalization == "tokens"
-    evaluates = val_set is not None or bool(cfg.eval.tasks)
+    evaluates = val_set is not None or bool(eval_tasks(cfg))
     # log lines above the bar; the root logger holds the console handler (redirecting "zerovl" alone
     # printed each line twice: once through tqdm, once propagated to root)
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
@@ -204,6 +212,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 total_tokens = step_token_count(micro_batches, dist.device)  # one all-reduce per step
                 scale = backward_scale(total_tokens, dist.world_size, accum)
             loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)  # summed on the device
+            part_sums: dict[str, torch.Tensor] = {}  # a model with several objectives logs each (loss_parts)
             for batch in micro_batches:  # DeepSpeed applies the optimizer at the accumulation boundary
                 batch = {k: v.to(dist.device) for k, v in batch.items() if k not in META_KEYS}
                 with timer.phase("forward"):
@@ -215,12 +224,15 @@ def train(cfg: Config) -> dict[str, Any]:
                         own_norm = replicated_grad_norm(engine.module)
                     engine.step()
                 loss_sum += loss.detach()
+                for name, value in getattr(engine.module, "loss_parts", {}).items():
+                    part_sums[name] = part_sums.get(name, 0.0) + value
             step += 1
             state_bytes = state_bytes or optimizer_state_bytes(engine)  # Adam creates its state at step 1
             # one collective per step: every rank's figures, memory and stop signal (a rank's SIGTERM
             # thereby reaches all ranks at the same step)
             per_rank = all_gather_floats([loss_sum.item(), samples, tokens, vision_tokens, stop_signal.flag,
-                                          skipped, peak_memory_bytes(), state_bytes], dist.device)
+                                          skipped, peak_memory_bytes(), state_bytes,
+                                          *(float(v) for v in part_sums.values())], dist.device)
             loss_sum, samples, tokens, vision_tokens, stop, skipped_all = (sum(r[i] for r in per_rank)
                                                                            for i in range(6))
             elapsed = time.perf_counter() - started
@@ -235,7 +247,9 @@ def train(cfg: Config) -> dict[str, Any]:
                       "data_wait_frac": timer.seconds["data"] / elapsed,
                       **{f"time_{k}": v for k, v in timer.seconds.items()}, "time_total": elapsed,
                       **flops.figures(tokens, vision_tokens, elapsed),
-                      "peak_mem_bytes": peaks, "optimizer_state_bytes": [int(r[7]) for r in per_rank]}
+                      "peak_mem_bytes": peaks, "optimizer_state_bytes": [int(r[7]) for r in per_rank],
+                      **{f"loss_{name}": sum(r[8 + i] for r in per_rank) / (accum * dist.world_size)
+                         for i, name in enumerate(part_sums)}}
             if dist.is_main and not memory_warned and min(peaks) > 0 and max(peaks) > 1.3 * min(peaks):
                 memory_warned = True
                 log.warning("uneven memory: rank %d peaks at %.1f GiB, rank %d at %.1f GiB (>30%% apart)",
