@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_MANIFEST = "zerovl_model.json"
 CONNECTOR_FILE = "connector.safetensors"
+RETRIEVAL_EXTRA_FILE = "retrieval_extra.safetensors"
 
 
 def split_run_and_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -66,7 +67,7 @@ def export_settings(export_dir: Path) -> tuple[ModelSettings, dict]:
     manifest = json.loads(manifest_path.read_text())
     model = manifest["model"]
     # paths are stored relative to the export so the directory can be moved or copied
-    for part in ("llm", "vision", "native"):
+    for part in ("llm", "vision", "native", "retrieval"):
         if (model.get(part) or {}).get("path"):
             model[part]["path"] = str(export_dir / model[part]["path"])
     model["tokenizer"] = str(export_dir / model["tokenizer"])
@@ -80,6 +81,11 @@ def load_export(export_dir: str | Path, precision: str = "fp32") -> tuple[ModelS
     export_dir = Path(export_dir)
     settings, manifest = export_settings(export_dir)
     built = build_model(settings, precision)
+    if settings.retrieval is not None:
+        extra = load_file(str(export_dir / RETRIEVAL_EXTRA_FILE))
+        built.model.load_state_dict(extra, strict=False)  # the rest came with the HF directory
+        built.model.eval()
+        return settings, built, manifest
     adapter = export_dir / "llm_adapter"
     if adapter.is_dir():
         from peft import PeftModel

@@ -58,6 +58,11 @@ def rank_offset(rows: int) -> int:
     return dist.get_rank() * rows if dist.is_initialized() else 0
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 similarities and losses are taken in fp32; fp32 and fp64 stay as they are."""
+    return x.float() if x.element_size() < 4 else x
+
+
 def soft_targets(local_ids: torch.Tensor, global_ids: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Target distribution over the global batch: uniform over every column showing the same image,
     then label smoothing (as ``F.cross_entropy(label_smoothing=)`` spreads it)."""
@@ -67,7 +72,7 @@ def soft_targets(local_ids: torch.Tensor, global_ids: torch.Tensor, smoothing: f
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(1).mean()
+    return -(F.log_softmax(at_least_fp32(logits), dim=1) * targets).sum(1).mean()
 
 
 def itg_attention_mask(text_mask: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Tensor:
@@ -102,9 +107,9 @@ class RetrievalModel(nn.Module):
         if hasattr(hf.query_tokens, "ds_id"):
             # ZeRO-3 gathers a module's parameters when *its* forward runs; hf.forward never does here,
             # so the query tokens it owns are fetched with this module's forward instead
-            from deepspeed.zero import register_external_parameter
+            import deepspeed
 
-            register_external_parameter(self, hf.query_tokens)
+            deepspeed.zero.register_external_parameter(self, hf.query_tokens)
 
     # ---- parts ----------------------------------------------------------------------------------
 
@@ -170,8 +175,8 @@ class RetrievalModel(nn.Module):
         ids_all = gather(image_ids)
         temp = self.temperature()
         # similarity = the best-matching query token
-        sim_i2t = torch.einsum("iqd,td->itq", image_feats.float(), text_feat_all.float()).amax(-1) / temp
-        sim_t2i = torch.einsum("td,iqd->tiq", text_feat.float(), image_feats_all.float()).amax(-1) / temp
+        sim_i2t = torch.einsum("iqd,td->itq", at_least_fp32(image_feats), at_least_fp32(text_feat_all)).amax(-1) / temp
+        sim_t2i = torch.einsum("td,iqd->tiq", at_least_fp32(text_feat), at_least_fp32(image_feats_all)).amax(-1) / temp
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=pixel_values.device)
         if self.weights["itc"] > 0:
@@ -210,7 +215,7 @@ class RetrievalModel(nn.Module):
         images = torch.cat([image_embeds, embeds_all[neg_image], image_embeds])
         logits = self.itm_logits(images, ids, mask)
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(at_least_fp32(logits), labels)
 
     def _itg_loss(self, image_embeds, input_ids, attention_mask):
         queries = self.queries(input_ids.shape[0])
@@ -223,7 +228,7 @@ class RetrievalModel(nn.Module):
                               encoder_hidden_states=image_embeds).last_hidden_state
         logits = self.itg_head(out[:, queries.shape[1]:-1, :])
         labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return F.cross_entropy(at_least_fp32(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -273,7 +278,7 @@ def build_retrieval(settings, tokenizer, dtype: torch.dtype):
         except OSError:
             processor = None
     else:
-        hf = Blip2ForImageTextRetrieval(config)
+        hf = Blip2ForImageTextRetrieval._from_config(config)  # ZeRO-3 aware (zero.Init, gathered init)
         # transformers starts the queries at zero (its checkpoints overwrite them); from scratch they must
         # differ, as LAVIS draws them: all-zero queries are a constant row that LayerNorm cannot normalise
         init_queries(hf.query_tokens, config.qformer_config.initializer_range)

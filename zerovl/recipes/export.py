@@ -4,6 +4,8 @@
     OUT/llm_adapter/       with --adapter: the LoRA adapter for PeftModel.from_pretrained (llm/ = base)
     OUT/vision/            the vision tower as an HF directory, with its image processor
     OUT/connector.safetensors
+    OUT/model/             native VLMs: one image-text-to-text directory; retrieval: a Blip2ForImageTextRetrieval
+                           directory (+ OUT/retrieval_extra.safetensors: temperature, ITG head)
     OUT/zerovl_model.json  the model config pointing at the above; `zerovl chat --model OUT` loads it
 """
 
@@ -14,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from zerovl.engine.restore import CONNECTOR_FILE, EXPORT_MANIFEST, load_trained
+from zerovl.engine.restore import CONNECTOR_FILE, EXPORT_MANIFEST, RETRIEVAL_EXTRA_FILE, load_trained
 from zerovl.models.pretrained import copy_code_files
 
 log = logging.getLogger("zerovl.export")
@@ -34,6 +36,8 @@ def export(run_or_ckpt: str | Path, out_dir: str | Path, adapter: bool = False) 
     out.mkdir(parents=True, exist_ok=True)
     if cfg.model.native is not None:
         settings = _export_native(cfg, built, out)
+    elif cfg.model.retrieval is not None:
+        settings = _export_retrieval(cfg, built, out)
     else:
         settings = _export_composed(cfg, built, out, adapter)
     manifest = {"model": settings, "source_checkpoint": str(ckpt), "format": 1}
@@ -51,6 +55,27 @@ def _export_native(cfg, built, out: Path) -> dict[str, Any]:
     resolution = built.image_processor.resolution  # the limits training used, whatever their source
     return {"native": {"path": "model", "min_pixels": resolution.min_pixels, "max_pixels": resolution.max_pixels},
             "tokenizer": "model", "llm": {"mode": "full"}}
+
+
+def _export_retrieval(cfg, built, out: Path) -> dict[str, Any]:
+    """One Blip2ForImageTextRetrieval directory (LoRA merged; loads with plain transformers) and what the
+    HF class has no place for — the learned temperature and the ITG head — in ``retrieval_extra.safetensors``."""
+    from safetensors.torch import save_file
+
+    model = built.model
+    hf = model.hf
+    hf.vision_model = _unwrap_lora(hf.vision_model, merge=True)
+    hf.qformer = _unwrap_lora(hf.qformer, merge=True)
+    hf.save_pretrained(out / "model", safe_serialization=True)
+    built.tokenizer.save_pretrained(out / "model")
+    built.image_processor.processor.save_pretrained(out / "model")
+    extra = {"temp": model.temp.detach().contiguous()}
+    if model.itg_head is not None:
+        extra.update({f"itg_head.{k}": v.contiguous() for k, v in model.itg_head.state_dict().items()})
+    save_file(extra, str(out / RETRIEVAL_EXTRA_FILE))
+    retrieval = {**cfg.model.retrieval.model_dump(mode="json"), "path": "model", "config": None,
+                 "image_processor": None}
+    return {"retrieval": retrieval, "tokenizer": "model", "vision": {"mode": "full"}, "connector": {"mode": "full"}}
 
 
 def _export_composed(cfg, built, out: Path, adapter: bool) -> dict[str, Any]:

@@ -213,6 +213,8 @@ def _score(settings, pairs: Pairs, i2t_idx, i2t_sim, t2i_idx, t2i_sim, itm, k: i
         order = i2t_final[i].argsort(descending=True, stable=True)[:10]
         rows.append({"query": "image", "id": pairs.images[i], "references": [pairs.captions[t] for t in captions_of[i]],
                      "top10": [pairs.captions[int(i2t_idx[i, o])] for o in order],
+                     "top10_sources": [pairs.sources[int(i2t_idx[i, o])] for o in order],
+                     "reference_sources": [pairs.sources[t] for t in captions_of[i]],
                      "scores": [round(float(i2t_final[i, o]), 4) for o in order], "rank": rank})
     for t, rank in enumerate(t2i_ranks):
         order = t2i_final[t].argsort(descending=True, stable=True)[:10]
