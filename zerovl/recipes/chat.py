@@ -11,12 +11,16 @@ from pathlib import Path
 from zerovl.data.samples import IMAGE_TAG
 from zerovl.data.template import ChatTemplate
 from zerovl.engine.restore import is_export, load_export, load_trained, split_run_and_checkpoint
+from zerovl.errors import ConfigError
 from zerovl.models.builder import BuiltModel
 
 
 class Chatbot:
     def __init__(self, built: BuiltModel, template: ChatTemplate, max_pixels: int, source: str | Path = "model",
                  run_dir: Path | None = None):
+        if template is None:
+            raise ConfigError(f"{source} is an image-text retrieval model (model.retrieval): it scores pairs and "
+                              "does not generate text; score it with zerovl eval --task retrieval")
         self.built = built
         self.template = template
         self.max_pixels = max_pixels

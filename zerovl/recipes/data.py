@@ -251,17 +251,59 @@ def save_histogram(checks: list[DatasetCheck], max_length: int, path: Path) -> s
     return str(path)
 
 
+def check_pair_dataset(spec: DatasetSpec, split: str, tokenizer, max_text_length: int, check_images: bool = True,
+                       key: str | None = None) -> DatasetCheck:
+    """A retrieval model's image-caption file: every pair needs one readable image and a caption; captions
+    longer than ``model.retrieval.max_text_length`` tokens are counted as truncated."""
+    spec = resolve_format(spec, key)
+    result = DatasetCheck(spec.label, split, spec.format, spec.path, spec.weight)
+    report = ReadReport(skip_bad=True, key=key)
+    seen: dict[str, str | None] = {}
+    for sample in iter_dataset(spec, report):
+        result.records += 1
+        if len(sample.images) != 1:
+            result.error("not_a_pair", f"{sample.source}: {len(sample.images)} images; a pair has exactly one")
+            continue
+        name = sample.images[0]
+        if check_images and name not in seen:
+            seen[name] = image_problem(name)
+        if check_images and seen[name]:
+            result.error(seen[name], f"{sample.source}: image {name} "
+                         f"{'not found' if seen[name] == 'missing_image' else 'cannot be read'}")
+            continue
+        result.usable += 1
+        length = len(tokenizer(sample.messages[-1]["content"])["input_ids"])
+        result.lengths.append(length)
+        if length > max_text_length:
+            result.over_max_length["truncated"] += 1
+        result.text_tokens += min(length, max_text_length)
+    for kind, count in report.counts.items():
+        result.errors[kind] += count
+    result.records += report.skipped
+    result.examples = (report.examples + result.examples)[:MAX_EXAMPLES]
+    return result
+
+
 def check_data(cfg: Config, out_dir: str | None = None, max_error_rate: float = 0.0,
                check_images: bool = True) -> CheckReport:
-    template = text_template(cfg)
     data = cfg.data
-    has_vision = cfg.model.has_vision
-    checks = [check_dataset(spec, "train", template, data, has_vision, check_images, key)
-              for spec, key in zip(data.train_datasets(), dataset_keys(data))]
-    if data.val:
-        checks.append(check_dataset(data.val_dataset(data.val), "val", template, data, has_vision, check_images,
-                                    "data.val"))
-    report = CheckReport(checks, data.max_length, max_error_rate)
+    if cfg.model.retrieval is not None:  # image-caption pairs; their length limit is the caption's
+        from zerovl.models.builder import load_tokenizer
+
+        tokenizer, limit = load_tokenizer(cfg.model), cfg.model.retrieval.max_text_length
+        checks = [check_pair_dataset(spec, "train", tokenizer, limit, check_images, key)
+                  for spec, key in zip(data.train_datasets(), dataset_keys(data))]
+        if data.val:
+            checks.append(check_pair_dataset(data.val_dataset(data.val), "val", tokenizer, limit, check_images,
+                                             "data.val"))
+    else:
+        template, has_vision, limit = text_template(cfg), cfg.model.has_vision, data.max_length
+        checks = [check_dataset(spec, "train", template, data, has_vision, check_images, key)
+                  for spec, key in zip(data.train_datasets(), dataset_keys(data))]
+        if data.val:
+            checks.append(check_dataset(data.val_dataset(data.val), "val", template, data, has_vision,
+                                        check_images, "data.val"))
+    report = CheckReport(checks, limit, max_error_rate)
     train = [c for c in checks if c.split == "train"]
     counts = mixture_counts([c.kept for c in train], [c.weight for c in train]) if any(c.kept for c in train) \
         else [0] * len(train)
@@ -271,7 +313,7 @@ def check_data(cfg: Config, out_dir: str | None = None, max_error_rate: float = 
         report.image_tokens_per_epoch += round(n * c.image_tokens / max(c.kept, 1))
     out = Path(out_dir or Path(cfg.train.output_dir) / "data_check")
     out.mkdir(parents=True, exist_ok=True)
-    report.histogram_png = save_histogram(checks, data.max_length, out / "token_lengths.png")
+    report.histogram_png = save_histogram(checks, limit, out / "token_lengths.png")
     report.report_json = str(out / "data_check.json")
     Path(report.report_json).write_text(json.dumps(_as_json(report), indent=1))
     return report
