@@ -21,7 +21,8 @@ def _config(tmp_path, scenes, mixed_data, preset, **train):
     return write_config(cfg, tmp_path / "cfg.yaml")
 
 
-@pytest.mark.parametrize("preset", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
+# zero2 is the default preset nearly every other distributed test trains with (resume, eval, export, ...)
+@pytest.mark.parametrize("preset", ["zero0", "zero1", "zero3", "zero3_offload"])
 def test_stage_trains_text_only_image_and_mixed_batches(tmp_path, scenes, mixed_data, preset):
     cfg = _config(tmp_path, scenes, mixed_data, preset)
     # the final eval generates on the mixed layout too: rank 0 text-only, rank 1 images per batch
