@@ -204,4 +204,4 @@ def test_unknown_metric_and_task_are_one_line_errors():
     with pytest.raises(ConfigError, match="unknown metric 'bleu' for vqa; use vqa or exact"):
         task_for(EvalTaskSettings(task="vqa", data="/x", metric="bleu"))
     with pytest.raises(Exception, match="task"):
-        EvalTaskSettings(task="retrieval", data="/x")
+        EvalTaskSettings(task="segmentation", data="/x")
