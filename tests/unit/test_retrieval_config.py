@@ -54,3 +54,14 @@ def test_connector_lora_belongs_to_retrieval_and_all_zero_weights_are_refused():
 def test_unknown_retrieval_key_names_the_nearest():
     with pytest.raises(ConfigError, match="did you mean model.retrieval.itm_weight"):
         from_dict({**raw(), "model": {"retrieval": {"config": TINY, "itm_weigth": 1.0}, "tokenizer": "/tok"}})
+
+
+def test_the_gpu_recipe_validates():
+    from pathlib import Path
+
+    from zerovl.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "blip2_retrieval.yaml", environ={})
+    assert cfg.model.retrieval.max_text_length == 32 and cfg.model.vision.mode == "full"
+    assert cfg.data.format == "karpathy" and cfg.data.split == "train"
+    assert [(t.task, t.split, t.rerank_k) for t in cfg.eval.tasks] == [("retrieval", "test", 128)]
