@@ -350,9 +350,17 @@ def _translate_scheduler(r: _Resolver) -> None:
 
 def model_hidden_size(model: ModelSettings) -> int | None:
     """The LLM's width as HF Trainer reads it (hidden_size, else max(hidden_sizes), also under text_config);
-    None when the config cannot be read here (the model builder then reports the problem)."""
+    for a retrieval model (no LLM) its Q-Former's. None when the config cannot be read here (the model
+    builder then reports the problem)."""
     from zerovl.models.pretrained import part_config
 
+    if model.retrieval is not None:
+        from zerovl.models.retrieval import retrieval_config
+
+        try:
+            return int(retrieval_config(model.retrieval).qformer_config.hidden_size)
+        except (ConfigError, OSError, ValueError, KeyError, TypeError):
+            return None
     native = model.native is not None
     try:
         config = part_config(model.native if native else model.llm, "model.native" if native else "model.llm",

@@ -43,6 +43,32 @@ per token (h = hidden, q/kv = query/key-value width, I = MLP width, V = vocabula
   attention output, GELU MLP), or ``p·h`` with checkpointing; plus the patch embedding's input.
 * Connector: its input and each hidden activation per image token.
 
+Retrieval models (``model.retrieval``, BLIP-2 stage 1; :func:`count_retrieval`) have no LLM: ``llm`` is
+the Q-Former's stack (H, I, L layers, C = ceil(L / cross_attention_frequency) cross-attention layers),
+``seq_len`` the caption length T (``model.retrieval.max_text_length``), Q the query tokens, Nv the vision
+tokens ((image_size / patch_size)^2 + 1), Dv the tower's width, Dp the ITC projection width and ``d`` 1
+byte per element when the Q-Former's hidden dropout is on (CUDA's bool mask; CPU's dropout keeps its mask
+in the input dtype). Per training pair the Q-Former runs these passes (s tokens, c of them cross-attending):
+
+* image (s = c = Q), text (s = T, c = 0), ITM on 3 pairs (s = Q + T, c = Q, each), and ITG when
+  ``itg_weight`` > 0 (s = Q + T, c = Q); each pass keeps
+  ``s x (p·H + d·H)`` (embedding LayerNorm, dropout) ``+ L x s x (p x (8H + 2I) + 2d·H)`` (the BERT layers:
+  the vision layer's count, post-LN) ``+ L x s x p·H`` when queries and text share the pass (each layer
+  concatenates its query and text halves) ``+ C x (c x (4p·H + d·H) + Nv x 2p·H)`` (cross-attention: the
+  queries' projections and LayerNorm, the image's keys and values) ``+ s x p·H`` (the output its head reads).
+* The image features the cross-attention reads: ``p·Nv·Dv`` once, ``3p·Nv·Dv`` more for the ITM batch
+  (positive, negative image, positive image again, concatenated); with N > 1 ranks ITM also holds every
+  rank's features during its forward (``N x p·Nv·Dv``).
+* ITC: the projected, normalised features, ``(Q + 1) x Dp x (2p + 4)`` (16-bit and fp32 copies).
+* ITG head (only when ITG is on): per predicted text token (T - 1) its input ``p·H`` and the fp32
+  log-probs ``4·V``, plus the two fp32 V-wide gradients at the start of backward (``8·V``) — transformers'
+  plain loss path; no LM loss workspace otherwise.
+* Vision tower: as above, only when it trains (BLIP-2 stage 1 freezes it; LAVIS's COCO fine-tune does not).
+
+Not counted for retrieval: ITC's similarity matrices (micro batch x global batch x Q fp32, under a MiB
+at BLIP-2's sizes) and the ITM sampling weights (no gradient). Q-Former gradient checkpointing is not
+wired, so none is modelled.
+
 Not counted: LoRA dropout copies, attention implementations that materialise s x s, CUDA context
 and allocator fragmentation — the planner's margin (default 10 %) is there for those. The
 ``buffers`` row is DeepSpeed's gradient-reduction and prefetch buckets at their default sizes.
@@ -160,6 +186,25 @@ class Stack:
 
 
 @dataclass(frozen=True)
+class RetrievalShape:
+    """What a BLIP-2 retrieval model adds to its shape; ``ModelShape.llm`` is then its Q-Former's stack."""
+
+    queries: int  # Q learned query tokens
+    cross_layers: int  # Q-Former layers with cross-attention to the image
+    encoder_hidden: int  # the width of the vision features the cross-attention reads (Dv)
+    projection: int  # ITC feature width (image_text_hidden_size, Dp)
+    itm: bool  # ITM on: 3 more Q-Former passes (Q + T tokens) per pair
+    itg: bool  # ITG on: one more pass and a vocabulary-wide head per text token
+    dropout: bool  # the Q-Former's hidden dropout is on: a 1-byte mask per dropped element
+
+    @property
+    def passes(self) -> str:
+        """The Q-Former passes per training pair, in words."""
+        return ", ".join(["image (Q)", "text (T)", "ITM 3 x (Q+T)" if self.itm else "no ITM",
+                          "ITG (Q+T)" if self.itg else "no ITG"])
+
+
+@dataclass(frozen=True)
 class ModelShape:
     """Everything the memory model needs, read from configs on the meta device."""
 
@@ -176,6 +221,7 @@ class ModelShape:
     tokens_per_image: int = 0
     head_trainable: bool = True  # the output projection gets a gradient (full LLM, not LoRA/frozen)
     chunked_loss: bool = True  # the loss takes zerovl's chunked path (models/loss.py), not the plain one
+    retrieval: RetrievalShape | None = None  # a retrieval model (model.retrieval): llm is its Q-Former
     notes: tuple[str, ...] = ()
 
     @property
@@ -325,11 +371,59 @@ def _chunked(shape: ModelShape, chunk_tokens: int) -> bool:
     return shape.chunked_loss and chunk_tokens > 0
 
 
+def _vision_bytes(shape: ModelShape, p: int, images: int) -> int:
+    if shape.vision is None or not shape.vision_trainable:
+        return 0
+    tokens = images * shape.vision_tokens
+    per_layer = _vision_layer_bytes_per_token(shape.vision, p)
+    return (_stack_bytes(per_layer, shape.vision, p, tokens)
+            + tokens * p * (shape.patch_elements + 2 * shape.vision.hidden))
+
+
+def _qformer_pass_bytes(shape: ModelShape, p: int, tokens: int, cross: int) -> int:
+    """One Q-Former pass over ``tokens`` tokens, ``cross`` of them (the queries) cross-attending to the
+    image's ``vision_tokens`` features (the module docstring's formula)."""
+    r, q = shape.retrieval, shape.llm
+    h, d = q.hidden, int(r.dropout)
+    mixed = 0 < cross < tokens  # queries and text in one pass: each layer concatenates the two halves
+    out = tokens * (p * h + d * h)  # the embeddings' LayerNorm input and dropout mask
+    out += q.layers * tokens * (_vision_layer_bytes_per_token(q, p) + 2 * d * h + (p * h if mixed else 0))
+    if cross:
+        out += r.cross_layers * (cross * (4 * p * h + d * h) + shape.vision_tokens * 2 * p * h)
+    return out + tokens * p * h  # the last layer's output, which the pass's head reads
+
+
+def _retrieval_breakdown(shape: ModelShape, text_len: int, p: int, world: int) -> dict[str, int]:
+    r = shape.retrieval
+    queries = r.queries
+    features = shape.vision_tokens * r.encoder_hidden * p  # one image's vision features
+    out = {
+        "vision": _vision_bytes(shape, p, 1),
+        "image_features": features * (1 + (3 if r.itm else 0) + (world if r.itm and world > 1 else 0)),
+        "qformer_image": _qformer_pass_bytes(shape, p, queries, queries),
+        "qformer_text": _qformer_pass_bytes(shape, p, text_len, 0),
+        "qformer_itm": 3 * _qformer_pass_bytes(shape, p, queries + text_len, queries) if r.itm else 0,
+        "qformer_itg": _qformer_pass_bytes(shape, p, queries + text_len, queries) if r.itg else 0,
+        "itc": (queries + 1) * r.projection * (2 * p + 4),
+        "itg_head": 0,
+        "loss_backward": 0,
+    }
+    if r.itg:  # the text positions after the first predict the next token over the whole vocabulary
+        predicted = text_len - 1
+        out["itg_head"] = predicted * (p * shape.llm.hidden + LOSS_SAVED_BYTES_PER_VOCAB * shape.vocab)
+        out["loss_backward"] = predicted * LOSS_BACKWARD_BYTES_PER_VOCAB * shape.vocab
+    return out
+
+
 def activation_breakdown(shape: ModelShape, seq_len: int, precision: str, images_per_sample: int = 1,
-                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict[str, int]:
+                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS, world: int = 1) -> dict[str, int]:
     """Activation bytes for ONE sample (micro batch of 1), by where they are kept; the chunked loss's
-    per-micro-batch workspace is :func:`loss_workspace`."""
+    per-micro-batch workspace is :func:`loss_workspace`. For a retrieval model a sample is one
+    image-caption pair, ``seq_len`` the caption length and ``world`` the ranks whose image features ITM
+    gathers."""
     p = PRECISION_BYTES[precision]
+    if shape.retrieval is not None:
+        return _retrieval_breakdown(shape, seq_len, p, world)
     llm = shape.llm
     out = {
         "llm_layers": _stack_bytes(_llm_layer_bytes_per_token(llm, p), llm, p, seq_len),
@@ -343,11 +437,7 @@ def activation_breakdown(shape: ModelShape, seq_len: int, precision: str, images
         out["llm_head"] += seq_len * p * llm.hidden
         out["loss"] = seq_len * LOSS_SAVED_BYTES_PER_VOCAB * shape.vocab
         out["loss_backward"] = seq_len * LOSS_BACKWARD_BYTES_PER_VOCAB * shape.vocab
-    if shape.vision is not None and shape.vision_trainable:
-        tokens = images_per_sample * shape.vision_tokens
-        per_layer = _vision_layer_bytes_per_token(shape.vision, p)
-        out["vision"] = (_stack_bytes(per_layer, shape.vision, p, tokens)
-                         + tokens * p * (shape.patch_elements + 2 * shape.vision.hidden))
+    out["vision"] = _vision_bytes(shape, p, images_per_sample)
     if shape.connector_active:
         out["connector"] = images_per_sample * shape.connector_elements * p
     return out
@@ -379,7 +469,8 @@ def estimate(shape: ModelShape, option: Option, hardware: Hardware, precision: s
     """Memory of one option at the given micro batch, whether it fits, and the largest micro batch that does."""
     gpu, cpu = model_state_bytes(shape, option, hardware, precision, state_bytes)
     gpu["buffers"] = buffer_bytes(option, precision)
-    per_sample = sum(activation_breakdown(shape, seq_len, precision, images_per_sample, chunk_tokens).values())
+    per_sample = sum(activation_breakdown(shape, seq_len, precision, images_per_sample, chunk_tokens,
+                                          hardware.total_gpus).values())
     fixed = sum(loss_workspace(shape, micro_batch * seq_len, precision, chunk_tokens).values())
     gpu["activations"] = per_sample * micro_batch + fixed
     p = PRECISION_BYTES[precision]
@@ -437,11 +528,16 @@ def _stack_from_config(cfg: Any, checkpointing: bool, gated: bool) -> Stack:
 
 
 def _count_parts(parts: dict[str, Any]) -> dict[str, PartParams]:
+    return _count_params({name: module.parameters() for name, module in parts.items()})
+
+
+def _count_params(parts: dict[str, Any]) -> dict[str, PartParams]:
+    """Trainable / frozen elements of each part's parameters (an iterable of them per part)."""
     seen: set[int] = set()  # tied weights (embeddings / lm_head) are one Parameter: count once
     counts = {}
-    for name, module in parts.items():
+    for name, params in parts.items():
         trainable = frozen = 0
-        for param in module.parameters():
+        for param in params:
             if id(param) in seen:
                 continue
             seen.add(id(param))
@@ -493,9 +589,11 @@ def count_model(settings: Any) -> ModelShape:
     from zerovl.models.vision import VisionTower, tower_classes, vision_config_from
     from zerovl.models.vlm import ComposedVLM
 
+    if settings.retrieval is not None:
+        return count_retrieval(settings)
     if settings.native is not None:
-        raise ConfigError("zerovl plan models composed VLMs and text-only LLMs; native models (model.native) "
-                          "are not modelled yet — use zerovl bench to measure them")
+        raise ConfigError("zerovl plan models composed VLMs, text-only LLMs and retrieval models; native models "
+                          "(model.native) are not modelled yet — use zerovl bench to measure them")
     notes = []
     try:
         tokenizer = load_tokenizer(settings)
@@ -539,3 +637,52 @@ def count_model(settings: Any) -> ModelShape:
     return ModelShape(parts=counts, largest_layer=largest_layer_params(model), llm=llm_stack, vocab=vocab,
                       head_trainable=head is not None and any(p.requires_grad for p in head.parameters()),
                       chunked_loss=decoder_and_head(model.llm) is not None, notes=tuple(notes), **vision_kwargs)
+
+
+def count_retrieval(settings: Any) -> ModelShape:
+    """The shape of a ``model.retrieval`` model (BLIP-2's ``Blip2ForImageTextRetrieval`` inside
+    :class:`~zerovl.models.retrieval.RetrievalModel`) from its config alone: built on the meta device, the
+    builder's retrieval modes applied (vision frozen unless model.vision says otherwise), parameters
+    counted per part as training groups them (vision = the tower; connector = everything else)."""
+    import torch
+    from transformers import Blip2ForImageTextRetrieval
+
+    from zerovl.models.builder import apply_retrieval_training_modes, load_tokenizer
+    from zerovl.models.retrieval import RetrievalModel, retrieval_config, retrieval_parts
+
+    r = settings.retrieval
+    config = retrieval_config(r)
+    vcfg, qcfg = config.vision_config, config.qformer_config
+    notes = []
+    try:  # only to stop on what training would refuse: the parameter counts do not depend on it
+        tokenizer = load_tokenizer(settings)
+    except ConfigError as e:
+        notes.append(f"tokenizer not loaded ({e}); not checked against the Q-Former's vocabulary")
+    else:
+        if len(tokenizer) > qcfg.vocab_size:
+            raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens, but the Q-Former's vocabulary has "
+                              f"{qcfg.vocab_size}; use the tokenizer it was trained with (BERT's for BLIP-2)")
+    with torch.device("meta"):
+        model = RetrievalModel(Blip2ForImageTextRetrieval(config), r.temperature, r.itc_weight, r.itm_weight,
+                               r.itg_weight, r.label_smoothing)
+        apply_retrieval_training_modes(model, settings)
+    counts = _count_params({part: (p for _, p in named) for part, named in retrieval_parts(model).items()})
+    vision = settings.vision
+    shape = RetrievalShape(
+        queries=config.num_query_tokens,
+        cross_layers=math.ceil(qcfg.num_hidden_layers / max(1, qcfg.cross_attention_frequency)),
+        encoder_hidden=vcfg.hidden_size, projection=config.image_text_hidden_size,
+        itm=r.itm_weight > 0, itg=r.itg_weight > 0, dropout=(qcfg.hidden_dropout_prob or 0) > 0)
+    if (qcfg.attention_probs_dropout_prob or 0) > 0:
+        notes.append("the Q-Former's attention dropout is on: fused GPU attention keeps no mask for it, but "
+                     "attention that materialises the scores (eager; SDPA on CPU) keeps heads x s x s more per layer")
+    itg_head = model.itg_head
+    return ModelShape(
+        parts=counts, largest_layer=largest_layer_params(model),
+        llm=_stack_from_config(qcfg, checkpointing=False, gated=False), vocab=qcfg.vocab_size,
+        vision=_stack_from_config(vcfg, vision is not None and vision.gradient_checkpointing, gated=False),
+        vision_tokens=(vcfg.image_size // vcfg.patch_size) ** 2 + 1,
+        patch_elements=getattr(vcfg, "num_channels", 3) * vcfg.patch_size**2,
+        vision_trainable=vision is not None and vision.mode != "frozen", tokens_per_image=config.num_query_tokens,
+        head_trainable=itg_head is not None and any(p.requires_grad for p in itg_head.parameters()),
+        chunked_loss=False, retrieval=shape, notes=tuple(notes))

@@ -4,6 +4,8 @@ Reads only config files (the model is built on the meta device), resolves the De
 way ``zerovl train`` would for the given world size (so batch/precision conflicts surface here
 too), runs the memory model in :mod:`zerovl.engine.planner` and prints a table plus a
 recommendation: the fastest option that fits with the margin, and the largest micro batch for it.
+For a retrieval model (``model.retrieval``) the sequence is the caption, ``model.retrieval.max_text_length``
+tokens, and a sample is one image-caption pair.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ def plan_config(cfg: Config, hardware: Hardware, margin: float = 0.1, images_per
     resolved = cfg.model_copy(deep=True)  # build_ds_config adopts values from DeepSpeed's config into train
     ds = build_ds_config(resolved, hardware.total_gpus, on_cpu=False)
     shape = planner.count_model(resolved.model)
+    retrieval = resolved.model.retrieval
+    seq_len = retrieval.max_text_length if retrieval is not None else resolved.data.max_length
     result = planner.plan(
-        shape, hardware, resolved.train.precision, resolved.train.micro_batch_size, resolved.data.max_length,
+        shape, hardware, resolved.train.precision, resolved.train.micro_batch_size, seq_len,
         images_per_sample, planner.optimizer_state_bytes(ds.get("optimizer", {}).get("type")), margin,
         chunk_tokens=resolved.train.loss_chunk_tokens,
     )
@@ -63,10 +67,17 @@ def recommendation(result: Plan, accumulation: int | None = None) -> str:
     hw = result.hardware
     where = f"{fmt_bytes(budget)} per GPU ({fmt_bytes(hw.gpu_mem)} less the {result.margin:.0%} margin)"
     if rec is None:
+        shape = result.shape
         hints = []
-        if not result.shape.llm.checkpointing:
-            hints.append("model.llm.gradient_checkpointing=true")
-        hints += ["model.llm.mode=lora", "more GPUs (--gpus/--nodes)", "a shorter data.max_length"]
+        if shape.retrieval is not None:
+            if shape.vision_trainable and not shape.vision.checkpointing:
+                hints.append("model.vision.gradient_checkpointing=true")
+            hints += ["model.vision.mode=frozen", "more GPUs (--gpus/--nodes)",
+                      "a shorter model.retrieval.max_text_length"]
+        else:
+            if not shape.llm.checkpointing:
+                hints.append("model.llm.gradient_checkpointing=true")
+            hints += ["model.llm.mode=lora", "more GPUs (--gpus/--nodes)", "a shorter data.max_length"]
         return f"nothing fits in {where}, not even micro batch 1; try {', '.join(hints)}"
     if rec.fits:
         return (f"{rec.option.override} train.micro_batch_size={result.micro_batch} — the fastest option that "
@@ -89,13 +100,22 @@ def format_plan(result: Plan, source: str = "", accumulation: int | None = None)
              f"{fmt_bytes(hw.gpu_mem)} per GPU, host RAM "
              f"{fmt_bytes(hw.cpu_mem) + ' per node' if hw.cpu_mem else 'not checked (--cpu-mem)'}; "
              f"margin {result.margin:.0%}"]
-    images = (f", {shape.tokens_per_image} image tokens per image, {result.images_per_sample} image(s) per sample"
-              if shape.tokens_per_image else "")
-    ckpt = f"llm {'on' if shape.llm.checkpointing else 'off'}"
-    if shape.vision is not None:
-        ckpt += f", vision {'on' if shape.vision.checkpointing else 'off'}"
-    lines.append(f"{result.precision}, micro batch {result.micro_batch}, sequence {result.seq_len} tokens{images}; "
-                 f"gradient checkpointing: {ckpt}")
+    if shape.retrieval is not None:
+        r = shape.retrieval
+        lines.append(f"{result.precision}, micro batch {result.micro_batch} image-caption pairs, captions of "
+                     f"{result.seq_len} tokens (T), {shape.vision_tokens} vision tokens and {r.queries} queries (Q) "
+                     f"per image; vision tower {'trains' if shape.vision_trainable else 'frozen'}, gradient "
+                     f"checkpointing {'on' if shape.vision.checkpointing else 'off'}")
+        lines.append(f"Q-Former ({shape.llm.layers} layers, {r.cross_layers} cross-attending, hidden "
+                     f"{shape.llm.hidden}) passes per pair: {r.passes}")
+    else:
+        images = (f", {shape.tokens_per_image} image tokens per image, {result.images_per_sample} image(s) per "
+                  "sample" if shape.tokens_per_image else "")
+        ckpt = f"llm {'on' if shape.llm.checkpointing else 'off'}"
+        if shape.vision is not None:
+            ckpt += f", vision {'on' if shape.vision.checkpointing else 'off'}"
+        lines.append(f"{result.precision}, micro batch {result.micro_batch}, sequence {result.seq_len} tokens"
+                     f"{images}; gradient checkpointing: {ckpt}")
     lines.append("")
     rows = [[name, fmt_count(c.trainable), fmt_count(c.frozen)] for name, c in shape.parts.items()]
     rows.append(["total", fmt_count(shape.trainable), fmt_count(shape.frozen)])
@@ -105,7 +125,7 @@ def format_plan(result: Plan, source: str = "", accumulation: int | None = None)
                  "fp32 master + fp32 grads 8 (trainable; not for ZeRO-0 in fp32), optimizer moments as "
                  "the optimizer needs (Adam 8)")
     act = planner.activation_breakdown(shape, result.seq_len, result.precision, result.images_per_sample,
-                                       result.chunk_tokens)
+                                       result.chunk_tokens, hw.total_gpus)
     parts = ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in act.items() if v)
     lines.append(f"activations per sample: {fmt_bytes(sum(act.values()))} ({parts})")
     work = planner.loss_workspace(shape, result.micro_batch * result.seq_len, result.precision, result.chunk_tokens)
