@@ -9,17 +9,9 @@ import pytest
 
 from tests.conftest import write_config
 from tests.distributed.helpers import REPO
+from tests.distributed.test_retrieval import TINY  # the tiny model the retrieval tests train
 
 pytestmark = pytest.mark.distributed
-
-TINY = {"vision_config": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                          "num_hidden_layers": 1, "num_attention_heads": 2, "initializer_range": 0.1},
-        "qformer_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                           "intermediate_size": 64, "vocab_size": 64, "encoder_hidden_size": 32,
-                           "cross_attention_frequency": 1, "max_position_embeddings": 64,
-                           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-                           "initializer_range": 0.1},
-        "num_query_tokens": 4, "image_text_hidden_size": 16}
 
 
 def test_bench_retrieval_zero0_and_zero3(tmp_path):
